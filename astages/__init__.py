@@ -1,0 +1,51 @@
+"""astages: run arq jobs in stages; every job of a stage, retries included, finishes
+before the next stage starts, and a finished group cleans up after itself."""
+
+from astages._keys import DEFAULT_PREFIX
+from astages.exceptions import (
+    AstagesError,
+    CorruptRecord,
+    GroupNotFound,
+    InvalidJobFunction,
+    InvalidQueue,
+    InvalidStageNumber,
+    InvalidStatusMessage,
+    JobNotFound,
+    JobNotPending,
+    RetriesExhausted,
+    StageComplete,
+    StageNotFound,
+)
+from astages.group import StagedGroup, within_a_grouping
+from astages.job import StagedJob
+from astages.models import JobInfo, JobStatus, StageProgress, StageStatus
+from astages.stage import StagedGroupStage
+from astages.worker import worker_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "AstagesError",
+    "CorruptRecord",
+    "GroupNotFound",
+    "InvalidJobFunction",
+    "InvalidQueue",
+    "InvalidStageNumber",
+    "InvalidStatusMessage",
+    "JobInfo",
+    "JobNotFound",
+    "JobNotPending",
+    "JobStatus",
+    "RetriesExhausted",
+    "StageComplete",
+    "StageNotFound",
+    "StageProgress",
+    "StageStatus",
+    "StagedGroup",
+    "StagedGroupStage",
+    "StagedJob",
+    "__version__",
+    "within_a_grouping",
+    "worker_settings",
+]

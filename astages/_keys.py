@@ -1,0 +1,71 @@
+"""Every Redis key name astages uses is built here and nowhere else.
+
+All keys of one group share the hash tag ``{<group id>}``, so each group lives in one
+Redis Cluster slot. The Lua scripts derive a group's other keys from its hash key in the
+same way (see ``lua/_lib.lua``), so the two must change together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "astages"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """Where a staged job lives, parsed from its arq job id."""
+
+    group_id: str
+    stage: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one key prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def index(self) -> str:
+        """Sorted set of every live group id, scored by creation time (ms)."""
+        return f"{self.prefix}:groups"
+
+    def group(self, group_id: str) -> str:
+        return f"{self.prefix}:{{{group_id}}}"
+
+    def stages(self, group_id: str) -> str:
+        return f"{self.group(group_id)}:stages"
+
+    def stage(self, group_id: str, number: int) -> str:
+        return f"{self.group(group_id)}:s:{number}"
+
+    def stage_part(self, group_id: str, number: int, part: str) -> str:
+        """``part`` is one of jobs, spec, open, done, msg, err."""
+        return f"{self.stage(group_id, number)}:{part}"
+
+    def pattern(self) -> str:
+        """SCAN pattern matching every key astages owns under this prefix."""
+        return f"{self.prefix}:*"
+
+    def job_id_base(self, group_id: str) -> str:
+        return f"{self.prefix}:{group_id}:"
+
+    def job_id(self, group_id: str, number: int, seq: int) -> str:
+        """The arq job id of a staged job; it says where the job's record is."""
+        return f"{self.prefix}:{group_id}:{number}:{seq}"
+
+    def parse_job_id(self, job_id: str) -> JobRef | None:
+        """The record a staged job id points at, or None for any other job id."""
+        head = f"{self.prefix}:"
+        if not job_id.startswith(head):
+            return None
+        parts = job_id[len(head) :].split(":")
+        if len(parts) != 3:
+            return None
+        group_id, number, seq = parts
+        try:
+            return JobRef(group_id, int(number), int(seq))
+        except ValueError:
+            return None

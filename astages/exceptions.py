@@ -1,0 +1,122 @@
+"""The errors astages raises. Every one is an ``AstagesError``::
+
+    AstagesError
+    ├── GroupNotFound          the group does not exist (never created, deleted or finished)
+    ├── StageNotFound          the stage does not exist in its group (or was deleted)
+    ├── JobNotFound            the staged job does not exist (or was deleted)
+    ├── StageComplete          a complete stage takes no new jobs
+    ├── JobNotPending          the job cannot be sent to arq in its current status
+    ├── InvalidStageNumber     a stage number that is not an int
+    ├── InvalidJobFunction     neither a function name nor a coroutine function
+    ├── InvalidStatusMessage   a status message that is not a str, or too long
+    ├── InvalidQueue           a queue name astages cannot store
+    ├── CorruptRecord          data under an astages key that astages did not write
+    └── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AstagesError",
+    "CorruptRecord",
+    "GroupNotFound",
+    "InvalidJobFunction",
+    "InvalidQueue",
+    "InvalidStageNumber",
+    "InvalidStatusMessage",
+    "JobNotFound",
+    "JobNotPending",
+    "RetriesExhausted",
+    "StageComplete",
+    "StageNotFound",
+]
+
+
+class AstagesError(Exception):
+    """Base class of every error astages raises."""
+
+
+class GroupNotFound(AstagesError):
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
+        super().__init__(
+            f"group {group_id!r} does not exist: it was never created, was deleted, "
+            "or finished (a finished group deletes itself)"
+        )
+
+
+class StageNotFound(AstagesError):
+    def __init__(self, group_id: str, number: int) -> None:
+        self.group_id = group_id
+        self.number = number
+        super().__init__(
+            f"stage {number} of group {group_id!r} does not exist (it was deleted); "
+            "call group.stage(number) to create a stage"
+        )
+
+
+class JobNotFound(AstagesError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"staged job {job_id!r} does not exist (it was deleted, or its group finished)")
+
+
+class StageComplete(AstagesError):
+    def __init__(self, group_id: str, number: int) -> None:
+        self.group_id = group_id
+        self.number = number
+        super().__init__(
+            f"stage {number} of group {group_id!r} is complete and takes no new jobs; "
+            "enqueue into a later stage instead"
+        )
+
+
+class JobNotPending(AstagesError):
+    def __init__(self, job_id: str, status: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id!r} is {status}; only a pending job (or one waiting for a retry) can be sent")
+
+
+class InvalidStageNumber(AstagesError, TypeError):
+    def __init__(self, number: object) -> None:
+        self.number = number
+        super().__init__(f"a stage number must be an int, not {type(number).__name__} ({number!r})")
+
+
+class InvalidJobFunction(AstagesError, TypeError):
+    def __init__(self, function: object) -> None:
+        self.function = function
+        super().__init__(
+            f"a job function must be a function name (str), an async def function or an "
+            f"arq.func(...) object, not {type(function).__name__} ({function!r})"
+        )
+
+
+class InvalidStatusMessage(AstagesError, ValueError):
+    def __init__(self, message: object, limit: int) -> None:
+        self.limit = limit
+        if isinstance(message, str):
+            text = f"a status message is limited to {limit} characters, this one has {len(message)}"
+        else:
+            text = f"a status message must be a str, not {type(message).__name__}"
+        super().__init__(text)
+
+
+class InvalidQueue(AstagesError, ValueError):
+    def __init__(self, queue: object) -> None:
+        self.queue = queue
+        super().__init__(f"a queue name must be a non-empty str, not {queue!r}")
+
+
+class CorruptRecord(AstagesError):
+    def __init__(self, key: str, detail: str) -> None:
+        self.key = key
+        self.detail = detail
+        super().__init__(f"the record under {key!r} was not written by astages: {detail}")
+
+
+class RetriesExhausted(AstagesError):
+    def __init__(self, max_tries: int) -> None:
+        self.max_tries = max_tries
+        super().__init__(f"max {max_tries} retries exceeded")

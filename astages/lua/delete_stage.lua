@@ -1,0 +1,17 @@
+-- Delete stage ARGV[5] and its jobs; jobs not yet started leave arq's queue. When the
+-- group is running it moves on (a deleted running stage does not leave it stuck).
+-- Returns {outcome, stage, jobs still to send}; outcome 'gone' when there was no
+-- such stage.
+if redis.call('EXISTS', G) == 0 then return {'gone', '', 0} end
+local n = ARGV[5]
+local sk = stage_key(n)
+if redis.call('EXISTS', sk) == 0 then return {'gone', n, 0} end
+local open = redis.call('HGETALL', sk .. ':open')
+for i = 1, #open, 2 do
+  local c = string.sub(open[i + 1], 1, 1)
+  if c == 'q' or c == 'e' then unsend(sk, n, open[i]) end
+end
+delete_stage_keys(n)
+redis.call('ZREM', G .. ':stages', n)
+if redis.call('HGET', G, 'status') ~= 'running' then return {'deleted', n, 0} end
+return advance(now_ms())

@@ -1,0 +1,30 @@
+-- Record jobs in stage ARGV[5]; ARGV[6..] are their specs (see _lib.lua).
+-- A pending stage only records them; a running stage hands them to arq at once.
+-- Returns {first seq, 1 if sent else 0} or an error code:
+-- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE'.
+if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
+local n = ARGV[5]
+local sk = stage_key(n)
+local st = redis.call('HGET', sk, 'status')
+if not st then return 'STAGE_GONE' end
+if st == 'complete' then return 'STAGE_COMPLETE' end
+local count_new = #ARGV - 5
+local last = redis.call('HINCRBY', sk, 'seq', count_new)
+local first = last - count_new + 1
+local seqs, specs, opens = {}, {}, {}
+for i = 1, count_new do
+  local seq = first + i - 1
+  seqs[#seqs + 1] = seq
+  specs[#specs + 1] = seq
+  specs[#specs + 1] = ARGV[5 + i]
+  opens[#opens + 1] = seq
+  opens[#opens + 1] = 'p'
+end
+redis.call('RPUSH', sk .. ':jobs', unpack(seqs))
+redis.call('HSET', sk .. ':spec', unpack(specs))
+redis.call('HSET', sk .. ':open', unpack(opens))
+redis.call('HINCRBY', sk, 'pending', count_new)
+if st ~= 'running' then return {first, 0} end
+local now = now_ms()
+for _, seq in ipairs(seqs) do send(sk, n, seq, now) end
+return {first, 1}

@@ -1,0 +1,15 @@
+-- A worker picked up try ARGV[7] of job ARGV[6] of stage ARGV[5].
+-- Returns 'run' (now running), or why it must not run: 'gone' (no such job, stage or
+-- group) or 'final' (it finished already; arq re-delivered it).
+if redis.call('EXISTS', G) == 0 then return 'gone' end
+local n, seq, try = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local sk = stage_key(n)
+if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return 'final' end
+local cur = redis.call('HGET', sk .. ':open', seq)
+if not cur then return 'gone' end
+local code = 'r' .. try
+if cur ~= code then
+  redis.call('HSET', sk .. ':open', seq, code)
+  count(sk, cur, code)
+end
+return 'run'

@@ -1,0 +1,233 @@
+"""arq glue: the function wrapper and hooks that drive the state machine.
+
+``worker_settings(functions=[...], **arq_options)`` returns a dict arq accepts as worker
+settings (``arq app.WorkerSettings``, ``Worker(**settings)``). Each function is wrapped:
+
+- a job whose id is not a staged job id runs untouched (no Redis work at all);
+- a staged job is marked running (one script call, which also refuses to run a job whose
+  record is final already: arq re-delivers a job when a worker dies between our report
+  and its own clean-up), runs, and reports its outcome (one more script call);
+- an outcome the wrapper cannot see (the job was cancelled: a timeout, or the worker
+  shutting down) or could not report (Redis unreachable) is settled in
+  ``after_job_end`` from arq's own record of the job.
+
+No hook ever raises into arq (an exception in a hook stops arq's worker loop): errors
+are logged, and the sweeper finishes what a hook could not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from arq import Retry
+from arq.constants import default_queue_name, result_key_prefix
+from arq.jobs import deserialize_result
+from arq.worker import Function, RetryJob, func
+from redis.exceptions import RedisError
+
+from astages._keys import DEFAULT_PREFIX, JobRef, Keys
+from astages._scripts import Store, text
+from astages.exceptions import RetriesExhausted
+from astages.job import CTX_JOB, StagedJob
+
+__all__ = ["worker_settings"]
+
+logger = logging.getLogger("astages.worker")
+
+Hook = Callable[[dict[str, Any]], Awaitable[Any]]
+
+# ctx keys the wrapper leaves for after_job_end (one ctx dict per job run).
+CTX_REF = "astages_ref"
+CTX_REPORTED = "astages_reported"
+CTX_OUTCOME = "astages_outcome"
+CTX_MAX_TRIES = "astages_max_tries"
+
+ARQ_DEFAULT_MAX_TRIES = 5
+ERROR_LIMIT = 4_000
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` and the innermost frames, bounded."""
+    head = f"{type(exc).__name__}: {exc}"
+    tail = "".join(traceback.format_exception(exc)[-3:])
+    full = head if not tail else f"{head}\n{tail}"
+    return full[:ERROR_LIMIT]
+
+
+@dataclass(frozen=True, slots=True)
+class _Runtime:
+    keys: Keys
+    max_tries: int
+    retry_jobs: bool
+    queue_name: str
+
+
+async def _report(ctx: dict[str, Any], store: Store, ref: JobRef, outcome: str, error: str = "") -> None:
+    """Report a try's outcome; on a Redis error leave it in ctx for after_job_end."""
+    ctx[CTX_OUTCOME] = (outcome, error)
+    try:
+        await store.move("finish_job", ref.group_id, ref.stage, ref.seq, ctx["job_try"], outcome, error)
+    except RedisError:
+        logger.warning("could not report %s of job %s; will retry after the job", outcome, ctx["job_id"], exc_info=True)
+        return
+    ctx[CTX_REPORTED] = True
+
+
+def _wrap(function: Function, runtime: _Runtime) -> Function:
+    coroutine = function.coroutine
+    max_tries = runtime.max_tries if function.max_tries is None else function.max_tries
+
+    async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        ref = runtime.keys.parse_job_id(str(ctx.get("job_id", "")))
+        if ref is None:
+            return await coroutine(ctx, *args, **kwargs)
+        return await _run_staged(ctx, ref, function.name, coroutine, max_tries, runtime, args, kwargs)
+
+    functools.update_wrapper(run, coroutine)
+    return Function(
+        name=function.name,
+        coroutine=run,
+        timeout_s=function.timeout_s,
+        keep_result_s=function.keep_result_s,
+        keep_result_forever=function.keep_result_forever,
+        max_tries=function.max_tries,
+    )
+
+
+async def _run_staged(
+    ctx: dict[str, Any],
+    ref: JobRef,
+    name: str,
+    coroutine: Callable[..., Awaitable[Any]],
+    max_tries: int,
+    runtime: _Runtime,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    store = Store(ctx["redis"], runtime.keys)
+    job_try = int(ctx["job_try"])
+    ctx[CTX_REF] = ref
+    ctx[CTX_MAX_TRIES] = max_tries
+    try:
+        verdict = text(await store.run("start_job", ref.group_id, ref.stage, ref.seq, job_try))
+    except RedisError:
+        logger.warning("could not mark job %s running; running it anyway", ctx["job_id"], exc_info=True)
+        verdict = "run"
+    if verdict != "run":
+        # 'final': arq re-delivered a job that already finished; 'gone': deleted.
+        logger.info("staged job %s is %s; not running it", ctx["job_id"], verdict)
+        ctx[CTX_REPORTED] = True
+        return None
+    ctx[CTX_JOB] = StagedJob(store, ref, name, args, kwargs, runtime.queue_name, ctx.get("enqueue_time"))
+    try:
+        result = await coroutine(ctx, *args, **kwargs)
+    except (Retry, RetryJob) as e:
+        if not runtime.retry_jobs:
+            await _report(ctx, store, ref, "f", describe_error(e))
+            raise
+        if job_try >= max_tries:
+            # arq would re-queue it only to fail it at pickup, with no hook: end it now.
+            exhausted = RetriesExhausted(max_tries)
+            await _report(ctx, store, ref, "f", str(exhausted))
+            raise exhausted from e
+        await _report(ctx, store, ref, "e")
+        raise
+    except asyncio.CancelledError:
+        # A timeout (a failure) or the worker shutting down (re-run): arq knows which,
+        # and after_job_end reads it once arq has written it.
+        raise
+    except Exception as e:
+        await _report(ctx, store, ref, "f", describe_error(e))
+        raise
+    await _report(ctx, store, ref, "s")
+    return result
+
+
+async def _settle(ctx: dict[str, Any], runtime: _Runtime) -> None:
+    """After arq wrote its own record of a staged run: report what the wrapper could not."""
+    ref: JobRef | None = ctx.get(CTX_REF)
+    if ref is None or ctx.get(CTX_REPORTED):
+        return
+    store = Store(ctx["redis"], runtime.keys)
+    job_id = ctx["job_id"]
+    job_try = int(ctx["job_try"])
+    pending = ctx.get(CTX_OUTCOME)
+    if pending is not None:
+        outcome, error = pending
+    else:
+        outcome, error = await _arq_outcome(store, job_id, job_try, ctx.get(CTX_MAX_TRIES, runtime.max_tries), runtime)
+    await store.move("finish_job", ref.group_id, ref.stage, ref.seq, job_try, outcome, error)
+    ctx[CTX_REPORTED] = True
+
+
+async def _arq_outcome(store: Store, job_id: str, job_try: int, max_tries: int, runtime: _Runtime) -> tuple[str, str]:
+    """What arq made of a run the wrapper saw cancelled: (outcome code, error)."""
+    redis = store.redis
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(result_key_prefix + job_id)
+        pipe.zscore(runtime.queue_name, job_id)
+        raw, score = await pipe.execute()
+    if raw is not None:
+        try:
+            result = deserialize_result(raw, deserializer=getattr(redis, "job_deserializer", None))
+        except Exception as e:  # noqa: BLE001 - arq's record is unreadable: still final
+            return "f", f"arq's result could not be read: {e}"
+        if result.success:
+            return "s", ""
+        return "f", describe_error(result.result) if isinstance(result.result, BaseException) else str(result.result)
+    if score is not None:
+        if job_try >= max_tries:
+            return "f", f"max {max_tries} retries exceeded (cancelled on its last try)"
+        return "e", ""
+    return "f", "cancelled or timed out (arq kept no result)"
+
+
+def _guard(name: str, hook: Hook | None, before: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> Hook:
+    """A hook that runs ``before`` then the user's ``hook``, logging instead of raising."""
+
+    async def guarded(ctx: dict[str, Any]) -> None:
+        if before is not None:
+            try:
+                await before(ctx)
+            except Exception:
+                logger.exception("astages %s failed for job %s; the sweeper will settle it", name, ctx.get("job_id"))
+        if hook is not None:
+            try:
+                await hook(ctx)
+            except Exception:
+                logger.exception("%s hook failed for job %s (logged: a hook error would stop arq)", name, ctx.get("job_id"))
+
+    guarded.__name__ = f"astages_{name}"
+    return guarded
+
+
+def worker_settings(
+    *,
+    functions: Sequence[Callable[..., Any] | Function],
+    prefix: str = DEFAULT_PREFIX,
+    **settings: Any,
+) -> dict[str, Any]:
+    """arq worker settings (a dict) that run ``functions`` with astages' bookkeeping.
+
+    Any ``arq.Worker`` option may be given; the user's own ``on_job_start``,
+    ``on_job_end`` and ``after_job_end`` hooks still run (their errors are logged
+    rather than stopping the worker). ``prefix`` must match the one groups were made with."""
+    runtime = _Runtime(
+        keys=Keys(prefix),
+        max_tries=int(settings.get("max_tries", ARQ_DEFAULT_MAX_TRIES)),
+        retry_jobs=bool(settings.get("retry_jobs", True)),
+        queue_name=str(settings.get("queue_name") or default_queue_name),
+    )
+    wrapped = [_wrap(f if isinstance(f, Function) else func(f), runtime) for f in functions]
+    out = dict(settings)
+    out["functions"] = wrapped
+    out["on_job_start"] = _guard("on_job_start", settings.get("on_job_start"))
+    out["on_job_end"] = _guard("on_job_end", settings.get("on_job_end"))
+    out["after_job_end"] = _guard("after_job_end", settings.get("after_job_end"), functools.partial(_settle, runtime=runtime))
+    return out

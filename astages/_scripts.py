@@ -25,29 +25,16 @@ from astages.exceptions import GroupNotFound, StageComplete, StageNotFound
 # Redis is never blocked for long (about 5 ms per 1,000 jobs).
 SEND_LIMIT = 1000
 
-SCRIPT_NAMES = (
-    "create_group",
-    "delete_group",
-    "delete_job",
-    "delete_stage",
-    "enqueue",
-    "enqueue_job",
-    "ensure_stage",
-    "finish_job",
-    "initiate_group",
-    "initiate_stage",
-    "send_more",
-    "set_message",
-    "start_job",
-)
 
 
 def _load() -> dict[str, bytes]:
+    """Every ``lua/<name>.lua`` but the shared ``_lib.lua``, with the lib prepended."""
     folder = resources.files("astages") / "lua"
     lib = (folder / "_lib.lua").read_text(encoding="utf-8")
     return {
-        name: (lib + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")).encode()
-        for name in SCRIPT_NAMES
+        entry.name.removesuffix(".lua"): (lib + "\n" + entry.read_text(encoding="utf-8")).encode()
+        for entry in folder.iterdir()
+        if entry.name.endswith(".lua") and not entry.name.startswith("_")
     }
 
 

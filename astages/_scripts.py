@@ -26,7 +26,6 @@ from astages.exceptions import GroupNotFound, StageComplete, StageNotFound
 SEND_LIMIT = 1000
 
 
-
 def _load() -> dict[str, bytes]:
     """Every ``lua/<name>.lua`` but the shared ``_lib.lua``, with the lib prepended."""
     folder = resources.files("astages") / "lua"
@@ -77,10 +76,11 @@ class Motion:
 class Store:
     """A Redis connection, a key prefix and the scripts: what every astages object uses."""
 
-    __slots__ = ("redis", "keys", "expires_extra_ms")
+    __slots__ = ("expires_extra_ms", "keys", "redis")
 
     def __init__(self, redis: ArqRedis, keys: Keys) -> None:
-        self.redis = redis
+        # Typed Any: redis-py's asyncio stubs give every reply as "Awaitable[T] | T".
+        self.redis: Any = redis
         self.keys = keys
         self.expires_extra_ms = int(getattr(redis, "expires_extra_ms", ARQ_EXPIRES_EXTRA_MS))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
+import secrets
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Motion, Store, raise_code, text
@@ -18,6 +20,23 @@ if TYPE_CHECKING:
 __all__ = ["StagedGroup", "within_a_grouping"]
 
 
+_last_id_ms = 0
+_id_seq = 0
+
+
+def new_group_id(ms: int) -> str:
+    """A UUIDv7 (time-ordered, 32 hex digits): ids sort in creation order, so groups
+    made in the same millisecond still list in the order they were made (rand_a holds a
+    per-process sequence within the millisecond)."""
+    global _last_id_ms, _id_seq
+    if ms == _last_id_ms:
+        _id_seq = (_id_seq + 1) & 0xFFF
+    else:
+        _last_id_ms, _id_seq = ms, 0
+    value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | _id_seq << 64 | 0b10 << 62 | (secrets.randbits(62))
+    return uuid.UUID(int=value).hex
+
+
 def _check_number(number: object) -> int:
     if isinstance(number, bool) or not isinstance(number, int):
         raise InvalidStageNumber(number)
@@ -29,7 +48,7 @@ class StagedGroup:
     stage, retries included, finishes before the next stage starts; when the last stage
     completes, the group and everything in it is deleted."""
 
-    __slots__ = ("store", "id", "description", "created_at")
+    __slots__ = ("created_at", "description", "id", "store")
 
     def __init__(
         self, store: Store, group_id: str, description: str = "", created_at: dt.datetime | None = None
@@ -49,7 +68,8 @@ class StagedGroup:
         return hash(self.id)
 
     @property
-    def redis(self) -> ArqRedis:
+    def redis(self) -> Any:
+        """The group's ArqRedis connection."""
         return self.store.redis
 
     @property
@@ -64,15 +84,13 @@ class StagedGroup:
         if not isinstance(description, str):
             raise AstagesError(f"a group description must be a str, not {type(description).__name__}")
         store = Store(redis, Keys(prefix))
-        group_id = uuid.uuid4().hex
         created = now_ms()
+        group_id = new_group_id(created)
         await store.run("create_group", group_id, description or group_id, created)
         return cls(store, group_id, description, ms_to_datetime(created))
 
     @classmethod
-    def within_a_grouping(
-        cls, redis: ArqRedis, description: str = "", *, prefix: str = DEFAULT_PREFIX
-    ) -> _Grouping:
+    def within_a_grouping(cls, redis: ArqRedis, description: str = "", *, prefix: str = DEFAULT_PREFIX) -> _Grouping:
         """Same as ``astages.within_a_grouping``."""
         return within_a_grouping(redis, description, prefix=prefix)
 
@@ -80,7 +98,7 @@ class StagedGroup:
     async def load(cls, redis: ArqRedis, group_id: str, *, prefix: str = DEFAULT_PREFIX) -> StagedGroup:
         """The group with this id; GroupNotFound when there is none (nothing is created)."""
         store = Store(redis, Keys(prefix))
-        raw = await redis.hmget(store.keys.group(group_id), ["description", "created"])
+        raw = await store.redis.hmget(store.keys.group(group_id), ["description", "created"])
         if raw[1] is None:
             raise GroupNotFound(group_id)
         return cls(store, group_id, text(raw[0]), ms_to_datetime(int(raw[1])))
@@ -88,14 +106,14 @@ class StagedGroup:
     @classmethod
     async def list(
         cls, redis: ArqRedis, offset: int = 0, limit: int | None = None, *, prefix: str = DEFAULT_PREFIX
-    ) -> list[StagedGroup]:
+    ) -> builtins.list[StagedGroup]:
         """Live groups, oldest first (a page of them when ``offset``/``limit`` are given)."""
         store = Store(redis, Keys(prefix))
         stop = -1 if limit is None else offset + limit - 1
-        ids = [text(i) for i in await redis.zrange(store.keys.index, offset, stop)]
+        ids = [text(i) for i in await store.redis.zrange(store.keys.index, offset, stop)]
         if not ids:
             return []
-        async with redis.pipeline(transaction=False) as pipe:
+        async with store.redis.pipeline(transaction=False) as pipe:
             for group_id in ids:
                 pipe.hmget(store.keys.group(group_id), ["description", "created"])
             rows = await pipe.execute()
@@ -108,7 +126,8 @@ class StagedGroup:
     @classmethod
     async def count(cls, redis: ArqRedis, *, prefix: str = DEFAULT_PREFIX) -> int:
         """How many groups are live."""
-        return int(await redis.zcard(Keys(prefix).index))
+        store = Store(redis, Keys(prefix))
+        return int(await store.redis.zcard(store.keys.index))
 
     # -- reading --------------------------------------------------------------------
 
@@ -123,7 +142,7 @@ class StagedGroup:
             raise GroupNotFound(self.id)
         return text(raw)
 
-    async def _numbers(self) -> list[int]:
+    async def _numbers(self) -> builtins.list[int]:
         return [int(n) for n in await self.redis.zrange(self.store.keys.stages(self.id), 0, -1)]
 
     async def stage(self, number: int) -> StagedGroupStage:
@@ -204,4 +223,3 @@ def within_a_grouping(redis: ArqRedis, description: str = "", *, prefix: str = D
     the block starts the first stage. An exception in the block deletes the group
     (nothing was sent yet) and propagates."""
     return _Grouping(redis, description, prefix)
-

@@ -33,7 +33,7 @@ class StagedJob:
     A handle made for a job that is not part of a stage (``perform_job`` in a plain arq
     job) is *blank*: it has the job's arguments and nothing else."""
 
-    __slots__ = ("_store", "ref", "function", "args", "kwargs", "queue_name", "queue_time", "schedule")
+    __slots__ = ("_store", "args", "function", "kwargs", "queue_name", "queue_time", "ref", "schedule")
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class StagedJob:
         ref = store.keys.parse_job_id(job_id)
         if ref is None:
             raise JobNotFound(job_id)
-        spec = await redis.hget(store.keys.stage_part(ref.group_id, ref.stage, "spec"), str(ref.seq))
+        spec = await store.redis.hget(store.keys.stage_part(ref.group_id, ref.stage, "spec"), str(ref.seq))
         return cls.from_spec(store, ref, spec)
 
     @classmethod

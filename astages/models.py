@@ -63,11 +63,11 @@ def decode_code(code: bytes | str) -> tuple[JobStatus, int]:
 
 
 def ms_to_datetime(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
 
 
 def now_ms() -> int:
-    return int(dt.datetime.now(tz=dt.timezone.utc).timestamp() * 1000)
+    return int(dt.datetime.now(tz=dt.UTC).timestamp() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +132,10 @@ class StageProgress:
         def get(name: str) -> int:
             return int(raw.get(name.encode(), 0))
 
-        return cls(*(get(name) for name in cls.__slots__))  # type: ignore[attr-defined]
+        return cls(*(get(name) for name in cls.__slots__))
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__} | {"total": self.total}  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in self.__slots__} | {"total": self.total}
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ def function_name(function: object) -> str:
     import inspect
 
     if inspect.iscoroutinefunction(function):
-        return str(function.__qualname__)  # type: ignore[attr-defined]
+        return str(function.__qualname__)
     raise InvalidJobFunction(function)
 
 
@@ -166,7 +166,12 @@ class StagedGroupStage:
         name = function_name(function)
         queued_at = now_ms()
         payload = serialize_job(
-            name, tuple(args), kwargs, options.get("_job_try"), queued_at, serializer=getattr(redis, "job_serializer", None)
+            name,
+            tuple(args),
+            kwargs,
+            options.get("_job_try"),
+            queued_at,
+            serializer=getattr(redis, "job_serializer", None),
         )
         job = StagedJob(self._store, None, name, tuple(args), kwargs, queue, ms_to_datetime(queued_at), schedule)
         return encode_spec(schedule, queue, payload), job
@@ -195,7 +200,9 @@ class StagedGroupStage:
         """Add a job for arq queue ``queue``."""
         return await self._enqueue(Schedule(), function, args, {**kwargs, "_queue_name": queue})
 
-    async def enqueue_at(self, when: dt.datetime | float, function: JobFunction, *args: Any, **kwargs: Any) -> StagedJob:
+    async def enqueue_at(
+        self, when: dt.datetime | float, function: JobFunction, *args: Any, **kwargs: Any
+    ) -> StagedJob:
         """Add a job that runs at ``when`` (a datetime or epoch seconds), or when its
         stage starts if that is later."""
         return await self._enqueue(Schedule("a", _at_ms(when)), function, args, kwargs)
@@ -205,7 +212,9 @@ class StagedGroupStage:
     ) -> StagedJob:
         return await self._enqueue(Schedule("a", _at_ms(when)), function, args, {**kwargs, "_queue_name": queue})
 
-    async def enqueue_in(self, delay: dt.timedelta | float, function: JobFunction, *args: Any, **kwargs: Any) -> StagedJob:
+    async def enqueue_in(
+        self, delay: dt.timedelta | float, function: JobFunction, *args: Any, **kwargs: Any
+    ) -> StagedJob:
         """Add a job that runs ``delay`` (a timedelta or seconds) after it is sent to arq."""
         return await self._enqueue(Schedule("i", _seconds_ms(delay)), function, args, kwargs)
 
@@ -221,7 +230,7 @@ class StagedGroupStage:
         batch: list[tuple[bytes, StagedJob]] = []
         for call in calls:
             function, args = call[0], call[1]
-            kwargs = dict(call[2]) if len(call) > 2 else {}  # type: ignore[misc]
+            kwargs = dict(call[2]) if len(call) > 2 else {}
             batch.append(self._spec(function, args, kwargs, Schedule()))
             if len(batch) >= RECORD_BATCH:
                 jobs.extend(await self._record(batch))

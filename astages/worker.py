@@ -176,7 +176,7 @@ async def _arq_outcome(store: Store, job_id: str, job_try: int, max_tries: int, 
     if raw is not None:
         try:
             result = deserialize_result(raw, deserializer=getattr(redis, "job_deserializer", None))
-        except Exception as e:  # noqa: BLE001 - arq's record is unreadable: still final
+        except Exception as e:
             return "f", f"arq's result could not be read: {e}"
         if result.success:
             return "s", ""
@@ -201,7 +201,9 @@ def _guard(name: str, hook: Hook | None, before: Callable[[dict[str, Any]], Awai
             try:
                 await hook(ctx)
             except Exception:
-                logger.exception("%s hook failed for job %s (logged: a hook error would stop arq)", name, ctx.get("job_id"))
+                logger.exception(
+                    "%s hook failed for job %s (logged: a hook error would stop arq)", name, ctx.get("job_id")
+                )
 
     guarded.__name__ = f"astages_{name}"
     return guarded
@@ -229,5 +231,7 @@ def worker_settings(
     out["functions"] = wrapped
     out["on_job_start"] = _guard("on_job_start", settings.get("on_job_start"))
     out["on_job_end"] = _guard("on_job_end", settings.get("on_job_end"))
-    out["after_job_end"] = _guard("after_job_end", settings.get("after_job_end"), functools.partial(_settle, runtime=runtime))
+    out["after_job_end"] = _guard(
+        "after_job_end", settings.get("after_job_end"), functools.partial(_settle, runtime=runtime)
+    )
     return out

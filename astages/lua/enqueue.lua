@@ -9,6 +9,7 @@ local st = redis.call('HGET', sk, 'status')
 if not st then return 'STAGE_GONE' end
 if st == 'complete' then return 'STAGE_COMPLETE' end
 local count_new = #ARGV - 5
+if count_new < 1 then return {0, 0} end
 local last = redis.call('HINCRBY', sk, 'seq', count_new)
 local first = last - count_new + 1
 local seqs, specs, opens = {}, {}, {}

@@ -1,0 +1,156 @@
+"""The Lua transitions called directly: idempotency, stale reports, races, SCRIPT FLUSH."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import astages
+from astages import JobStatus, StagedGroup, StageStatus
+from astages._scripts import SCRIPTS
+
+
+async def work(ctx, *args):
+    return args
+
+
+async def running_group(redis, sizes: tuple[int, ...]) -> tuple[StagedGroup, list[list[astages.StagedJob]]]:
+    async with astages.within_a_grouping(redis, "direct") as group:
+        jobs = []
+        for n, size in enumerate(sizes, start=1):
+            stage = await group.stage(n)
+            jobs.append(await stage.enqueue_many([(work, (i,)) for i in range(size)]))
+    return group, jobs
+
+
+async def start(job: astages.StagedJob, try_: int = 1) -> str:
+    assert job.ref is not None
+    store = job.stage().group.store
+    return (await store.run("start_job", job.ref.group_id, job.ref.stage, job.ref.seq, try_)).decode()
+
+
+async def finish(job: astages.StagedJob, outcome: str, try_: int = 1, error: str = "") -> str:
+    assert job.ref is not None
+    store = job.stage().group.store
+    motion = await store.move("finish_job", job.ref.group_id, job.ref.stage, job.ref.seq, try_, outcome, error)
+    return motion.outcome
+
+
+async def test_start_and_finish(redis):
+    """start marks running; finish records the outcome and the last one moves the group on."""
+    group, (first, second) = await running_group(redis, (2, 1))
+    assert await start(first[0]) == "run"
+    assert await first[0].status() is JobStatus.RUNNING
+    assert await finish(first[0], "s") == "open"
+    assert await finish(first[1], "f", error="ValueError: bad") == "running"
+    assert await first[1].error() == "ValueError: bad"
+    assert await second[0].status() is JobStatus.QUEUED
+    progress = await first[0].stage().progress()
+    assert (progress.successful, progress.failed, progress.open) == (1, 1, 0)
+    assert await finish(second[0], "s") == "finished"
+    assert not await group.exists()
+
+
+async def test_duplicate_and_stale_reports_change_nothing(redis):
+    """A second report of a final job, or a report older than the latest try, is ignored."""
+    _group, (jobs, later) = await running_group(redis, (2, 1))
+    job = jobs[0]
+    assert await start(job, 1) == "run"
+    assert await finish(job, "e", 1) == "retry"
+    assert await finish(job, "e", 1) == "dup"
+    assert await start(job, 2) == "run"
+    assert await finish(job, "f", 1, "late report of try 1") == "stale"
+    assert await job.status() is JobStatus.RUNNING
+    assert await finish(job, "s", 2) == "open"
+    assert await finish(job, "s", 2) == "dup"
+    assert await finish(job, "f", 3) == "dup"
+    assert await start(job, 3) == "final"
+    progress = await job.stage().progress()
+    assert (progress.successful, progress.running, progress.retried) == (1, 0, 1)
+    assert await later[0].status() is JobStatus.PENDING
+
+
+async def test_reports_for_deleted_job_create_nothing(redis):
+    """start/finish/message of a deleted job report 'gone' and write nothing."""
+    group, (jobs,) = await running_group(redis, (2,))
+    job = jobs[0]
+    await job.delete()
+    keys_before = sorted(await redis.keys("astages:*"))
+    assert await start(job) == "gone"
+    assert await finish(job, "s") == "gone"
+    assert sorted(await redis.keys("astages:*")) == keys_before
+    await group.delete()
+    assert await start(job) == "gone"
+    assert await finish(job, "s") == "gone"
+    assert await redis.keys("astages:*") == []
+
+
+async def test_race_last_jobs_finish_together(real_redis):
+    """Many concurrent completions of a stage: exactly one caller moves the group on."""
+    _group, (jobs, later) = await running_group(real_redis, (200, 3))
+    outcomes = await asyncio.gather(*(finish(job, "s") for job in jobs))
+    assert outcomes.count("running") == 1
+    assert outcomes.count("open") == 199
+    replays = await asyncio.gather(*(finish(job, "s") for job in jobs))
+    assert set(replays) == {"dup"}
+    assert [await j.status() for j in later] == [JobStatus.QUEUED] * 3
+    assert await real_redis.zcard("arq:queue") == 200 + 3  # the test plays the worker: arq keeps its 200
+
+
+async def test_race_group_finishes_exactly_once(real_redis):
+    """Concurrent completions of the last stage finish the group exactly once."""
+    group, (jobs,) = await running_group(real_redis, (50,))
+    outcomes = await asyncio.gather(*(finish(job, "f" if i % 2 else "s") for i, job in enumerate(jobs)))
+    assert outcomes.count("finished") == 1
+    assert not await group.exists()
+    assert await real_redis.keys("astages:*") == []
+
+
+async def test_race_concurrent_initiate(real_redis):
+    """Initiating a group from many callers at once sends each job once."""
+    group = await StagedGroup.create(real_redis, "race")
+    stage = await group.stage(1)
+    await stage.enqueue_many([(work, (i,)) for i in range(300)])
+    await asyncio.gather(*(group.initiate() for _ in range(10)), *(stage.initiate() for _ in range(10)))
+    assert await real_redis.zcard("arq:queue") == 300
+    progress = await stage.progress()
+    assert (progress.pending, progress.queued) == (0, 300)
+
+
+async def test_growth_while_stage_completes(real_redis):
+    """A running job adding a job to its own stage keeps the stage open until both finish."""
+    _group, (jobs, later) = await running_group(real_redis, (2, 1))
+    assert await start(jobs[0]) == "run"
+    stage = jobs[0].stage()
+    finishing = asyncio.gather(*(finish(jobs[1], "s") for _ in range(5)))
+    added = await stage.enqueue(work, "added")
+    await finishing
+    assert await stage.status() is StageStatus.RUNNING
+    assert await finish(jobs[0], "s") == "open"
+    assert await finish(added, "s") == "running"
+    assert await later[0].status() is JobStatus.QUEUED
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+async def test_every_script_survives_script_flush(real_redis, name):
+    """After SCRIPT FLUSH every script still runs (redis-py reloads it on NOSCRIPT)."""
+    group, (jobs,) = await running_group(real_redis, (1,))
+    await real_redis.script_flush()
+    store = group.store
+    ref = jobs[0].ref
+    assert ref is not None
+    args = {
+        "create_group": ("desc", 1),
+        "ensure_stage": (7,),
+        "enqueue": (1,),
+        "initiate_stage": (1,),
+        "start_job": (1, ref.seq, 1),
+        "finish_job": (1, ref.seq, 1, "e", ""),
+        "set_message": (1, ref.seq, "m"),
+        "enqueue_job": (1, ref.seq),
+        "delete_job": (1, ref.seq),
+        "delete_stage": (1,),
+    }.get(name, ())
+    await store.run(name, group.id, *args)
+    assert await real_redis.script_exists(SCRIPTS[name].sha) == [True]

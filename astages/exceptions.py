@@ -1,17 +1,17 @@
 """The errors astages raises. Every one is an ``AstagesError``::
 
-    AstagesError
-    ├── GroupNotFound          the group does not exist (never created, deleted or finished)
-    ├── StageNotFound          the stage does not exist in its group (or was deleted)
-    ├── JobNotFound            the staged job does not exist (or was deleted)
-    ├── StageComplete          a complete stage takes no new jobs
-    ├── JobNotPending          the job cannot be sent to arq in its current status
-    ├── InvalidStageNumber     a stage number that is not an int
-    ├── InvalidJobFunction     neither a function name nor a coroutine function
-    ├── InvalidStatusMessage   a status message that is not a str, or too long
-    ├── InvalidQueue           a queue name astages cannot store
-    ├── CorruptRecord          data under an astages key that astages did not write
-    └── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
+AstagesError
+├── GroupNotFound          the group does not exist (never created, deleted or finished)
+├── StageNotFound          the stage does not exist in its group (or was deleted)
+├── JobNotFound            the staged job does not exist (or was deleted)
+├── StageComplete          a complete stage takes no new jobs
+├── JobNotPending          the job cannot be sent to arq in its current status
+├── InvalidStageNumber     a stage number that is not an int
+├── InvalidJobFunction     neither a function name nor a coroutine function
+├── InvalidStatusMessage   a status message that is not a str, or too long
+├── InvalidQueue           a queue name astages cannot store
+├── CorruptRecord          data under an astages key that astages did not write
+└── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from conftest import run_burst
 
 import astages
 from astages import JobStatus, StagedGroup
+from astages._scripts import SCRIPTS
 
 EVENTS: list[tuple[str, object, float]] = []
 
@@ -247,3 +248,36 @@ async def test_custom_queue_and_prefix(redis):
     await run_burst(redis, [record], queue_name="jobs:q", prefix="myapp")
     assert not await group.exists()
     assert await redis.keys("myapp:*") == []
+
+
+async def noop(ctx, x):
+    return x
+
+
+async def test_round_trips_per_job(fake_redis, monkeypatch):
+    """A staged run costs two script calls (start, finish); a plain job costs none."""
+    async with astages.within_a_grouping(fake_redis, "cost") as group:
+        stage = await group.stage(1)
+        for i in range(5):
+            await stage.enqueue(noop, i)
+    await fake_redis.enqueue_job("noop", 7)
+    for script in SCRIPTS.values():  # as on any server that ran astages before
+        await fake_redis.script_load(script.script)
+    calls: list[str] = []
+    original = type(fake_redis).execute_command
+
+    async def counting(self, *args, **options):
+        if args[0] != "ZCARD":  # the burst worker's own polling, concurrent with jobs
+            calls.append(str(args[0]))
+        return await original(self, *args, **options)
+
+    monkeypatch.setattr(type(fake_redis), "execute_command", counting)
+    marks: list[int] = []
+
+    async def mark(ctx):
+        marks.append(len(calls))
+
+    await run_burst(fake_redis, [noop], on_job_start=mark, on_job_end=mark, max_jobs=1)
+    per_run = [calls[a:b] for a, b in zip(marks[::2], marks[1::2], strict=True)]
+    assert sorted(per_run) == [[]] + [["EVALSHA", "EVALSHA"]] * 5
+    assert not await group.exists()

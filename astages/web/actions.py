@@ -1,0 +1,294 @@
+"""The dashboard's buttons: each a POST with a CSRF token that redirects back with a message.
+
+A destructive action posted without ``confirmed=1`` (the page's script sets it once the
+user said yes; without JavaScript) answers with a confirmation page instead of acting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from astages._scripts import Motion, text
+from astages.exceptions import AstagesError, GroupNotFound, JobNotFound, StageNotFound
+from astages.group import StagedGroup
+from astages.job import StagedJob
+from astages.web._shared import stage_of
+from astages.web.security import CSRF_COOKIE, CSRF_FIELD, FLASH_COOKIE, cookie_path, safe_next, same_origin
+from astages.web.templating import render, url
+
+if TYPE_CHECKING:
+    from astages._scripts import Store
+    from astages.web.app import Dashboard
+
+DELETE_BATCH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What an action did: the message to show, and where to go when the page the user
+    came from no longer exists."""
+
+    message: str
+    kind: str = "success"
+    go: str | None = None
+
+
+Work = Callable[[], Awaitable[Outcome]]
+
+
+def _dashboard(request: Request) -> Dashboard:
+    dashboard: Dashboard = request.app.state.astages
+    return dashboard
+
+
+def _number(raw: str) -> int | None:
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+async def _act(request: Request, work: Work, *, confirm: str | None = None) -> Response:
+    """Check the token, ask for confirmation when ``confirm`` is set, run ``work``, and
+    redirect back with its message."""
+    dashboard = _dashboard(request)
+    form = await request.form()
+    token = form.get(CSRF_FIELD)
+    if not same_origin(request) or not dashboard.signer.check_csrf(
+        request.cookies.get(CSRF_COOKIE), token if isinstance(token, str) else None
+    ):
+        return render(
+            request,
+            "error.html",
+            {
+                "status": 403,
+                "heading": "Refused",
+                "detail": "This form expired or was sent from another site. Reload the page and try again.",
+            },
+            status_code=403,
+        )
+    home = url(request, "groups")
+    raw_next = form.get("next")
+    back = safe_next(raw_next if isinstance(raw_next, str) else None, request.scope.get("root_path", ""), home)
+    if confirm is not None and form.get("confirmed") != "1":
+        return render(request, "confirm.html", {"question": confirm, "action": request.url.path, "back": back})
+    try:
+        outcome = await work()
+    except (GroupNotFound, StageNotFound, JobNotFound) as e:
+        outcome = Outcome(f"Nothing done: {_gone(e)}", "error", home)
+    except AstagesError as e:
+        outcome = Outcome(f"Nothing done: {e}", "error")
+    response = RedirectResponse(outcome.go or back, status_code=303)
+    response.set_cookie(
+        FLASH_COOKIE,
+        dashboard.signer.flash(outcome.message, outcome.kind),
+        httponly=True,
+        samesite="strict",
+        path=cookie_path(request),
+    )
+    return response
+
+
+def _gone(e: AstagesError) -> str:
+    if isinstance(e, GroupNotFound):
+        return "that group no longer exists (it finished or was deleted)."
+    if isinstance(e, StageNotFound):
+        return f"stage {e.number} no longer exists."
+    return "that job no longer exists."
+
+
+def _moved(motion: Motion, what: str) -> str:
+    if motion.finished:
+        return f"{what}; every stage is complete, so the group finished and was deleted."
+    if motion.outcome == "running" and motion.stage:
+        return f"{what}; stage {motion.stage} is running."
+    return f"{what}."
+
+
+async def _group(store: Store, group_id: str) -> StagedGroup:
+    return await StagedGroup.load(store.redis, group_id, prefix=store.keys.prefix)
+
+
+# -- all groups ------------------------------------------------------------------------------
+
+
+async def delete_all_groups(request: Request) -> Response:
+    store = _dashboard(request).store
+
+    async def work() -> Outcome:
+        deleted = 0
+        while True:
+            ids = [text(i) for i in await store.redis.zrange(store.keys.index, 0, DELETE_BATCH - 1)]
+            if not ids:
+                break
+            for group_id in ids:
+                deleted += bool(await StagedGroup(store, group_id).delete())
+        return Outcome(f"Deleted {deleted:,} group{'' if deleted == 1 else 's'}.")
+
+    return await _act(request, work, confirm="Delete every group, with all their stages and jobs?")
+
+
+def _cleaner() -> Any:
+    """``astages.cleaner.Cleaner``, imported when a button needs it."""
+    try:
+        module = importlib.import_module("astages.cleaner")
+    except ImportError:
+        return None
+    return getattr(module, "Cleaner", None)
+
+
+def _report(report: Any) -> str:
+    """A cleaner's report as one line."""
+    if report is None:
+        return "done"
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        fields = dataclasses.asdict(report)
+        parts = [f"{k.replace('_', ' ')}: {_count(v)}" for k, v in fields.items()]
+        return "; ".join(parts) if parts else "done"
+    return str(report)
+
+
+def _count(value: Any) -> str:
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return f"{len(value):,}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+async def _clean(request: Request, method: str, done: str, confirm: str) -> Response:
+    store = _dashboard(request).store
+
+    async def work() -> Outcome:
+        cleaner = _cleaner()
+        if cleaner is None or not hasattr(cleaner, method):
+            return Outcome(f"Nothing done: this astages has no Cleaner.{method}.", "error")
+        report = await getattr(cleaner, method)(store.redis, prefix=store.keys.prefix)
+        return Outcome(f"{done}: {_report(report)}.")
+
+    return await _act(request, work, confirm=confirm)
+
+
+async def cleanup_jobs(request: Request) -> Response:
+    return await _clean(
+        request,
+        "cleanup_jobs",
+        "Cleaned up jobs",
+        "Clean up jobs: repair or remove job records that no stage or group owns any more?",
+    )
+
+
+async def purge(request: Request) -> Response:
+    return await _clean(
+        request, "purge_all", "Purged", "Purge: delete every astages key under this prefix, whatever its state?"
+    )
+
+
+# -- a group -----------------------------------------------------------------------------
+
+
+async def initiate_group(request: Request) -> Response:
+    store = _dashboard(request).store
+    group_id = request.path_params["group_id"]
+
+    async def work() -> Outcome:
+        group = await _group(store, group_id)
+        motion = await group.initiate()
+        return Outcome(
+            _moved(motion, f"Initiated {group.description!r}"), go=url(request, "groups") if motion.finished else None
+        )
+
+    return await _act(request, work)
+
+
+async def delete_group(request: Request) -> Response:
+    store = _dashboard(request).store
+    group_id = request.path_params["group_id"]
+
+    async def work() -> Outcome:
+        group = await _group(store, group_id)
+        await group.delete()
+        return Outcome(f"Deleted group {group.description!r}.", go=url(request, "groups"))
+
+    return await _act(request, work, confirm="Delete this group, with all its stages and jobs?")
+
+
+# -- a stage -----------------------------------------------------------------------------
+
+
+def _stage_params(request: Request) -> tuple[str, int | None]:
+    return request.path_params["group_id"], _number(request.path_params["number"])
+
+
+async def initiate_stage(request: Request) -> Response:
+    store = _dashboard(request).store
+    group_id, number = _stage_params(request)
+
+    async def work() -> Outcome:
+        if number is None:
+            raise GroupNotFound(group_id)
+        await _group(store, group_id)
+        motion = await stage_of(store, group_id, number).initiate()
+        return Outcome(
+            _moved(motion, f"Initiated stage {number}"), go=url(request, "groups") if motion.finished else None
+        )
+
+    return await _act(request, work)
+
+
+async def delete_stage(request: Request) -> Response:
+    store = _dashboard(request).store
+    group_id, number = _stage_params(request)
+
+    async def work() -> Outcome:
+        if number is None:
+            raise GroupNotFound(group_id)
+        await _group(store, group_id)
+        motion = await stage_of(store, group_id, number).delete()
+        go = url(request, "groups") if motion.finished else url(request, "group", group_id=group_id)
+        return Outcome(_moved(motion, f"Deleted stage {number}"), go=go)
+
+    return await _act(request, work, confirm="Delete this stage and all its jobs?")
+
+
+# -- a job --------------------------------------------------------------------------------
+
+
+async def _job(request: Request) -> StagedJob:
+    store = _dashboard(request).store
+    group_id, number = _stage_params(request)
+    seq = _number(request.path_params["seq"])
+    if number is None or seq is None:
+        raise GroupNotFound(group_id)
+    await _group(store, group_id)
+    return await StagedJob.load(store.redis, store.keys.job_id(group_id, number, seq), prefix=store.keys.prefix)
+
+
+async def queue_job(request: Request) -> Response:
+    async def work() -> Outcome:
+        job = await _job(request)
+        await job.enqueue_job()
+        return Outcome(f"Sent job {job.function} to arq's queue {job.queue_name!r}.")
+
+    return await _act(request, work)
+
+
+async def delete_job(request: Request) -> Response:
+    async def work() -> Outcome:
+        job = await _job(request)
+        assert job.ref is not None
+        motion = await job.delete()
+        if motion.finished:
+            go = url(request, "groups")
+        else:
+            go = url(request, "stage", group_id=job.ref.group_id, number=job.ref.stage)
+        return Outcome(_moved(motion, f"Deleted job {job.function}"), go=go)
+
+    return await _act(request, work, confirm="Delete this job?")

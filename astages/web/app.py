@@ -1,0 +1,137 @@
+"""``create_app(redis, ...)``: the dashboard as an ASGI app, mountable under any prefix."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import jinja2
+from arq.connections import ArqRedis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from astages._keys import DEFAULT_PREFIX, Keys
+from astages._scripts import Store
+from astages.exceptions import CorruptRecord, GroupNotFound, JobNotFound, StageNotFound
+from astages.web import actions, pages
+from astages.web.security import BasicAuth, SecurityHeaders, Signer
+from astages.web.templating import STATIC, environment, render
+
+__all__ = ["Dashboard", "create_app"]
+
+
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """Everything the dashboard's requests share; kept on ``app.state.astages``."""
+
+    store: Store
+    env: jinja2.Environment
+    signer: Signer
+    title: str
+    poll_ms: int
+
+
+def create_app(
+    redis: ArqRedis,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    login: tuple[str, str] | None = None,
+    secret: bytes | None = None,
+    title: str = "astages",
+    poll_ms: int = 2000,
+    debug: bool = False,
+) -> Starlette:
+    """The dashboard for the groups under key prefix ``prefix`` of ``redis``.
+
+    Mount it anywhere (``Mount("/stages", app=create_app(redis))``). ``login=(user,
+    password)`` requires HTTP basic auth; ``secret`` signs the CSRF tokens and messages
+    (random per app when not given, which is fine for one process). The caller owns
+    ``redis`` and closes it."""
+    dashboard = Dashboard(
+        store=Store(redis, Keys(prefix)),
+        env=environment(),
+        signer=Signer(secret or secrets.token_bytes(32)),
+        title=title,
+        poll_ms=poll_ms,
+    )
+    routes = [
+        Route("/", pages.groups_html, name="groups"),
+        Route("/groups/{group_id}", pages.group_html, name="group"),
+        Route("/groups/{group_id}/stages/{number}", pages.stage_html, name="stage"),
+        Route("/groups/{group_id}/stages/{number}/jobs/{seq}", pages.job_html, name="job"),
+        Route("/api/groups", pages.groups_json, name="api_groups"),
+        Route("/api/groups/{group_id}", pages.group_json, name="api_group"),
+        Route("/api/groups/{group_id}/stages/{number}", pages.stage_json, name="api_stage"),
+        Route("/api/groups/{group_id}/stages/{number}/jobs/{seq}", pages.job_json, name="api_job"),
+        Route("/actions/delete-all-groups", actions.delete_all_groups, methods=["POST"], name="delete_all_groups"),
+        Route("/actions/cleanup-jobs", actions.cleanup_jobs, methods=["POST"], name="cleanup_jobs"),
+        Route("/actions/purge", actions.purge, methods=["POST"], name="purge"),
+        Route("/groups/{group_id}/initiate", actions.initiate_group, methods=["POST"], name="initiate_group"),
+        Route("/groups/{group_id}/delete", actions.delete_group, methods=["POST"], name="delete_group"),
+        Route(
+            "/groups/{group_id}/stages/{number}/initiate",
+            actions.initiate_stage,
+            methods=["POST"],
+            name="initiate_stage",
+        ),
+        Route("/groups/{group_id}/stages/{number}/delete", actions.delete_stage, methods=["POST"], name="delete_stage"),
+        Route(
+            "/groups/{group_id}/stages/{number}/jobs/{seq}/queue", actions.queue_job, methods=["POST"], name="queue_job"
+        ),
+        Route(
+            "/groups/{group_id}/stages/{number}/jobs/{seq}/delete",
+            actions.delete_job,
+            methods=["POST"],
+            name="delete_job",
+        ),
+        Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+    ]
+    middleware = [Middleware(SecurityHeaders)]
+    if login is not None:
+        user, password = login
+        middleware.insert(0, Middleware(BasicAuth, user=user, password=password))
+    app = Starlette(
+        debug=debug,
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            GroupNotFound: not_found,
+            StageNotFound: not_found,
+            JobNotFound: not_found,
+            CorruptRecord: not_found,
+            HTTPException: http_error,
+        },
+    )
+    app.state.astages = dashboard
+    return app
+
+
+def _is_api(request: Request) -> bool:
+    root = request.scope.get("root_path", "")
+    return request.url.path.startswith(root + "/api/")
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    """An unknown group, stage or job: a 404 page (nothing is created by looking)."""
+    message = str(exc)
+    if _is_api(request):
+        return JSONResponse({"error": "not_found", "detail": message}, status_code=404)
+    return render(request, "error.html", {"status": 404, "heading": "Not found", "detail": message}, status_code=404)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if _is_api(request):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    heading = "Not found" if exc.status_code == 404 else str(exc.detail)
+    return render(
+        request,
+        "error.html",
+        {"status": exc.status_code, "heading": heading, "detail": str(exc.detail)},
+        status_code=exc.status_code,
+    )

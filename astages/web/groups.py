@@ -1,0 +1,190 @@
+"""The groups list and a group's page: one snapshot each, in a few round trips.
+
+Sorted by creation time with ZRANGE, by description with Redis' ``SORT ... BY`` (server
+side, one page in the reply); by number of stages or by progress among the
+``GROUP_SORT_LIMIT`` newest groups (a bound the page states when it applies).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from astages._scripts import Store, text
+from astages.exceptions import GroupNotFound
+from astages.group import StagedGroup
+from astages.models import StageProgress, StageStatus, ms_to_datetime
+from astages.web._shared import add, iso, percent, progress_json
+
+GROUP_PAGE_SIZE = 20
+GROUP_SORT_LIMIT = 5_000
+GROUP_SORTS = ("created", "description", "stages", "progress")
+
+
+@dataclass(frozen=True, slots=True)
+class StageRow:
+    number: int
+    status: StageStatus
+    progress: StageProgress
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "status": self.status.value,
+            "num_jobs": self.progress.total,
+            "progress": progress_json(self.progress),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    id: str
+    description: str
+    created_at: dt.datetime | None
+    status: str
+    stages: tuple[StageRow, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def progress(self) -> StageProgress:
+        total = StageProgress()
+        for stage in self.stages:
+            total = add(total, stage.progress)
+        return total
+
+    @property
+    def current_stage(self) -> int | None:
+        for stage in self.stages:
+            if stage.status is not StageStatus.COMPLETE:
+                return stage.number
+        return None
+
+    @property
+    def live(self) -> bool:
+        return self.status == "running"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "description": self.description,
+            "created_at": iso(self.created_at),
+            "status": self.status,
+            "num_stages": self.num_stages,
+            "current_stage": self.current_stage,
+            "progress": progress_json(self.progress),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GroupsPage:
+    rows: tuple[GroupRow, ...]
+    total: int
+    sort: str
+    order: str
+    page: int
+    page_size: int
+    sort_limited: bool  # sorted among the GROUP_SORT_LIMIT newest groups only
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.page_size))
+
+    @property
+    def live(self) -> bool:
+        return any(row.live for row in self.rows)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "page": self.page,
+            "pages": self.pages,
+            "page_size": self.page_size,
+            "sort": self.sort,
+            "order": self.order,
+            "sort_limited": self.sort_limited,
+            "live": self.live,
+            "groups": [row.as_json() for row in self.rows],
+        }
+
+
+async def group_rows(store: Store, ids: list[str]) -> list[GroupRow]:
+    """The rows of groups ``ids`` (gone ones left out), in two round trips."""
+    if not ids:
+        return []
+    redis, keys = store.redis, store.keys
+    async with redis.pipeline(transaction=False) as pipe:
+        for group_id in ids:
+            pipe.hmget(keys.group(group_id), ["description", "created", "status"])
+            pipe.zrange(keys.stages(group_id), 0, -1)
+        replies = await pipe.execute()
+    heads = replies[0::2]
+    numbers = [[int(n) for n in raw] for raw in replies[1::2]]
+    async with redis.pipeline(transaction=False) as pipe:
+        for group_id, stage_numbers in zip(ids, numbers, strict=True):
+            for n in stage_numbers:
+                pipe.hgetall(keys.stage(group_id, n))
+        stage_hashes = iter(await pipe.execute())
+    rows = []
+    for group_id, (description, created, status), stage_numbers in zip(ids, heads, numbers, strict=True):
+        stages = []
+        for n in stage_numbers:
+            raw = next(stage_hashes)
+            if raw:
+                stages.append(StageRow(n, StageStatus(text(raw.get(b"status", b"pending"))), StageProgress.of(raw)))
+        if created is None:
+            continue
+        rows.append(
+            GroupRow(
+                id=group_id,
+                description=text(description) if description is not None else group_id,
+                created_at=ms_to_datetime(int(created)),
+                status=text(status) if status is not None else "pending",
+                stages=tuple(stages),
+            )
+        )
+    return rows
+
+
+async def groups_page(store: Store, sort: str, order: str, page: int, page_size: int = GROUP_PAGE_SIZE) -> GroupsPage:
+    """One page of the groups list, sorted by ``sort`` (see GROUP_SORTS)."""
+    redis, keys = store.redis, store.keys
+    total = await StagedGroup.count(redis, prefix=keys.prefix)
+    pages = max(1, math.ceil(total / page_size))
+    page = min(max(1, page), pages)
+    offset = (page - 1) * page_size
+    desc = order == "desc"
+    limited = False
+    if sort == "created":
+        if desc:
+            raw = await redis.zrevrange(keys.index, offset, offset + page_size - 1)
+        else:
+            raw = await redis.zrange(keys.index, offset, offset + page_size - 1)
+        rows = await group_rows(store, [text(i) for i in raw])
+    elif sort == "description":
+        by = f"{keys.prefix}:{{*}}->description"
+        raw = await redis.sort(keys.index, start=offset, num=page_size, by=by, alpha=True, desc=desc)
+        rows = await group_rows(store, [text(i) for i in raw])
+    else:
+        ids = [text(i) for i in await redis.zrevrange(keys.index, 0, GROUP_SORT_LIMIT - 1)]
+        limited = total > GROUP_SORT_LIMIT
+        every = await group_rows(store, ids)
+        if sort == "stages":
+            every.sort(key=lambda row: (row.num_stages, row.created_at or ms_to_datetime(0)), reverse=desc)
+        else:
+            every.sort(key=lambda row: (percent(row.progress), row.progress.total), reverse=desc)
+        rows = every[offset : offset + page_size]
+    return GroupsPage(tuple(rows), total, sort, order, page, page_size, limited)
+
+
+async def group_detail(store: Store, group_id: str) -> GroupRow:
+    """The group and its stages; GroupNotFound when it is gone."""
+    group = await StagedGroup.load(store.redis, group_id, prefix=store.keys.prefix)
+    rows = await group_rows(store, [group.id])
+    if not rows:
+        raise GroupNotFound(group_id)
+    return rows[0]

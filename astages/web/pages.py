@@ -1,0 +1,137 @@
+"""The dashboard's pages (HTML) and their JSON twins under ``/api``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from astages.models import JobStatus
+from astages.web._shared import ORDERS, pick, to_int
+from astages.web.groups import GROUP_SORTS, GroupsPage, group_detail, groups_page
+from astages.web.jobpage import job_detail
+from astages.web.stagepage import StagePage, StageQuery, stage_page
+from astages.web.templating import render, url
+
+if TYPE_CHECKING:
+    from astages._scripts import Store
+    from astages.web.app import Dashboard
+
+
+def _store(request: Request) -> Store:
+    dashboard: Dashboard = request.app.state.astages
+    return dashboard.store
+
+
+def _int(raw: str) -> int:
+    """A path segment that must be an integer; 404 otherwise."""
+    try:
+        return int(raw)
+    except ValueError:
+        raise HTTPException(404, f"{raw!r} is not a number") from None
+
+
+def _path(request: Request) -> tuple[str, int, int]:
+    params = request.path_params
+    return params["group_id"], _int(params.get("number", "0")), _int(params.get("seq", "0"))
+
+
+def _json(data: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(data, headers={"cache-control": "no-store"})
+
+
+def _query(request: Request) -> dict[str, str]:
+    return dict(request.query_params)
+
+
+# -- groups list ---------------------------------------------------------------------------
+
+
+async def _groups(request: Request) -> GroupsPage:
+    params = request.query_params
+    sort = pick(params.get("sort"), GROUP_SORTS)
+    default_order = "desc" if sort == "created" else "asc"
+    order = params.get("order") if params.get("order") in ORDERS else default_order
+    page = to_int(params.get("page"), 1, 1)
+    return await groups_page(_store(request), sort, str(order), page)
+
+
+async def groups_html(request: Request) -> Response:
+    data = await _groups(request)
+    live = url(request, "api_groups", _query(request)) if data.live else None
+    return render(request, "groups.html", {"data": data, "pager": pager(data.page, data.pages)}, live_url=live)
+
+
+async def groups_json(request: Request) -> Response:
+    return _json((await _groups(request)).as_json())
+
+
+# -- a group ------------------------------------------------------------------------------
+
+
+async def group_html(request: Request) -> Response:
+    group_id, _, _ = _path(request)
+    group = await group_detail(_store(request), group_id)
+    live = url(request, "api_group", group_id=group_id) if group.live else None
+    return render(request, "group.html", {"group": group}, live_url=live)
+
+
+async def group_json(request: Request) -> Response:
+    group_id, _, _ = _path(request)
+    group = await group_detail(_store(request), group_id)
+    data = group.as_json()
+    data["live"] = group.live
+    data["stages"] = [stage.as_json() for stage in group.stages]
+    return _json(data)
+
+
+# -- a stage ------------------------------------------------------------------------------
+
+
+async def _stage(request: Request) -> StagePage:
+    group_id, number, _ = _path(request)
+    query = StageQuery.of(request.query_params)
+    return await stage_page(_store(request), group_id, number, query)
+
+
+async def stage_html(request: Request) -> Response:
+    data = await _stage(request)
+    live = url(request, "api_stage", _query(request), group_id=data.group_id, number=data.number) if data.live else None
+    return render(
+        request,
+        "stage.html",
+        {"data": data, "q": data.query, "pager": pager(data.page, data.pages), "statuses": JobStatus},
+        live_url=live,
+    )
+
+
+async def stage_json(request: Request) -> Response:
+    return _json((await _stage(request)).as_json())
+
+
+# -- a job ----------------------------------------------------------------------------------
+
+
+async def job_html(request: Request) -> Response:
+    group_id, number, seq = _path(request)
+    job = await job_detail(_store(request), group_id, number, seq)
+    live = url(request, "api_job", group_id=group_id, number=number, seq=seq) if job.live else None
+    return render(request, "job.html", {"job": job, "info": job.info, "arq": job.arq}, live_url=live)
+
+
+async def job_json(request: Request) -> Response:
+    group_id, number, seq = _path(request)
+    return _json((await job_detail(_store(request), group_id, number, seq)).as_json())
+
+
+# -- pagination -----------------------------------------------------------------------------
+
+
+def pager(page: int, pages: int, width: int = 7) -> list[int]:
+    """Up to ``width`` page numbers around ``page`` (the original shows 7)."""
+    if pages <= width:
+        return list(range(1, pages + 1))
+    start = max(1, min(page - width // 2, pages - width + 1))
+    return list(range(start, start + width))

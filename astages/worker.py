@@ -18,6 +18,7 @@ are logged, and the sweeper finishes what a hook could not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import traceback
@@ -35,6 +36,8 @@ from astages._keys import DEFAULT_PREFIX, JobRef, Keys
 from astages._scripts import Store, text
 from astages.exceptions import RetriesExhausted
 from astages.job import CTX_JOB, StagedJob
+from astages.runner import reconnecting
+from astages.sweeper import DEFAULT_GRACE, DEFAULT_INTERVAL, Sweeper
 
 __all__ = ["worker_settings"]
 
@@ -47,6 +50,8 @@ CTX_REF = "astages_ref"
 CTX_REPORTED = "astages_reported"
 CTX_OUTCOME = "astages_outcome"
 CTX_MAX_TRIES = "astages_max_tries"
+# worker ctx key of the background sweeper task
+CTX_SWEEPER = "astages_sweeper"
 
 ARQ_DEFAULT_MAX_TRIES = 5
 ERROR_LIMIT = 4_000
@@ -209,17 +214,57 @@ def _guard(name: str, hook: Hook | None, before: Callable[[dict[str, Any]], Awai
     return guarded
 
 
+def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: float) -> Hook:
+    """The user's on_startup, then the sweeper started in the background."""
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        if hook is not None:
+            await hook(ctx)  # the user's own start-up failing stops the worker, as in arq
+        if not interval:
+            return
+        try:
+            sweeper = Sweeper(ctx["redis"], prefix=prefix, grace=grace)
+            ctx[CTX_SWEEPER] = asyncio.get_running_loop().create_task(sweeper.run(interval), name="astages-sweeper")
+        except Exception:
+            logger.exception("could not start the astages sweeper; jobs still run")
+
+    on_startup.__name__ = "astages_on_startup"
+    return on_startup
+
+
+def _shutdown(hook: Hook | None) -> Hook:
+    """The sweeper stopped, then the user's on_shutdown."""
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        task: asyncio.Task[None] | None = ctx.pop(CTX_SWEEPER, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if hook is not None:
+            await hook(ctx)
+
+    on_shutdown.__name__ = "astages_on_shutdown"
+    return on_shutdown
+
+
 def worker_settings(
     *,
     functions: Sequence[Callable[..., Any] | Function],
     prefix: str = DEFAULT_PREFIX,
+    sweep_interval: float | None = DEFAULT_INTERVAL,
+    sweep_grace: float = DEFAULT_GRACE,
     **settings: Any,
 ) -> dict[str, Any]:
     """arq worker settings (a dict) that run ``functions`` with astages' bookkeeping.
 
-    Any ``arq.Worker`` option may be given; the user's own ``on_job_start``,
-    ``on_job_end`` and ``after_job_end`` hooks still run (their errors are logged
-    rather than stopping the worker). ``prefix`` must match the one groups were made with."""
+    Any ``arq.Worker`` option may be given; the user's own ``on_startup``,
+    ``on_shutdown``, ``on_job_start``, ``on_job_end`` and ``after_job_end`` hooks still
+    run (errors in the job hooks are logged rather than stopping the worker). ``prefix``
+    must match the one groups were made with. The worker sweeps (see
+    ``astages.sweeper``) about every ``sweep_interval`` seconds between all workers of
+    one Redis (None or 0: never). ``redis_settings`` get a reconnect-and-retry policy
+    unless they have one (see ``astages.runner.reconnecting``)."""
     runtime = _Runtime(
         keys=Keys(prefix),
         max_tries=int(settings.get("max_tries", ARQ_DEFAULT_MAX_TRIES)),
@@ -234,4 +279,8 @@ def worker_settings(
     out["after_job_end"] = _guard(
         "after_job_end", settings.get("after_job_end"), functools.partial(_settle, runtime=runtime)
     )
+    out["on_startup"] = _startup(settings.get("on_startup"), prefix, sweep_interval, sweep_grace)
+    out["on_shutdown"] = _shutdown(settings.get("on_shutdown"))
+    if settings.get("redis_pool") is None:
+        out["redis_settings"] = reconnecting(settings.get("redis_settings"))
     return out

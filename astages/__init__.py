@@ -2,6 +2,7 @@
 before the next stage starts, and a finished group cleans up after itself."""
 
 from astages._keys import DEFAULT_PREFIX
+from astages.cleaner import Cleaner, CleanupReport
 from astages.exceptions import (
     AstagesError,
     CorruptRecord,
@@ -19,7 +20,9 @@ from astages.exceptions import (
 from astages.group import StagedGroup, within_a_grouping
 from astages.job import StagedJob
 from astages.models import JobInfo, JobStatus, StageProgress, StageStatus
+from astages.runner import HardenedWorker
 from astages.stage import StagedGroupStage
+from astages.sweeper import Sweeper, SweepReport
 from astages.worker import worker_settings
 
 __version__ = "0.1.0"
@@ -27,8 +30,11 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_PREFIX",
     "AstagesError",
+    "Cleaner",
+    "CleanupReport",
     "CorruptRecord",
     "GroupNotFound",
+    "HardenedWorker",
     "InvalidJobFunction",
     "InvalidQueue",
     "InvalidStageNumber",
@@ -45,6 +51,8 @@ __all__ = [
     "StagedGroup",
     "StagedGroupStage",
     "StagedJob",
+    "SweepReport",
+    "Sweeper",
     "__version__",
     "within_a_grouping",
     "worker_settings",

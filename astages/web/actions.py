@@ -145,21 +145,22 @@ def _cleaner() -> Any:
 
 
 def _report(report: Any) -> str:
-    """A cleaner's report as one line."""
-    if report is None:
-        return "done"
+    """A cleaner's report as one line: a count, or a dataclass's non-empty fields."""
+    if isinstance(report, int):
+        return f"{report:,} key{'' if report == 1 else 's'} deleted"
     if dataclasses.is_dataclass(report) and not isinstance(report, type):
-        fields = dataclasses.asdict(report)
-        parts = [f"{k.replace('_', ' ')}: {_count(v)}" for k, v in fields.items()]
-        return "; ".join(parts) if parts else "done"
-    return str(report)
+        parts = [
+            f"{name.replace('_', ' ')} {_count(value)}"
+            for name, value in dataclasses.asdict(report).items()
+            if value not in ((), [], 0, None, "")
+        ]
+        return "; ".join(parts) if parts else "nothing to repair"
+    return "done" if report is None else str(report)
 
 
 def _count(value: Any) -> str:
     if isinstance(value, list | tuple | set | frozenset | dict):
         return f"{len(value):,}"
-    if isinstance(value, int):
-        return f"{value:,}"
     return str(value)
 
 
@@ -181,7 +182,7 @@ async def cleanup_jobs(request: Request) -> Response:
         request,
         "cleanup_jobs",
         "Cleaned up jobs",
-        "Clean up jobs: repair or remove job records that no stage or group owns any more?",
+        "Clean up jobs: repair the records of groups, stages and jobs that lost a parent or index entry?",
     )
 
 

@@ -6,6 +6,7 @@ from astages.cleaner import Cleaner, CleanupReport
 from astages.exceptions import (
     AstagesError,
     CorruptRecord,
+    GroupFinished,
     GroupNotFound,
     InvalidJobFunction,
     InvalidQueue,
@@ -19,7 +20,17 @@ from astages.exceptions import (
 )
 from astages.group import StagedGroup, within_a_grouping
 from astages.job import StagedJob
-from astages.models import JobInfo, JobStatus, StageProgress, StageStatus
+from astages.models import (
+    Event,
+    FailurePolicy,
+    GroupStatus,
+    GroupSummary,
+    JobInfo,
+    JobStatus,
+    StageProgress,
+    StageStatus,
+    StageSummary,
+)
 from astages.runner import HardenedWorker
 from astages.stage import StagedGroupStage
 from astages.sweeper import Sweeper, SweepReport
@@ -33,7 +44,12 @@ __all__ = [
     "Cleaner",
     "CleanupReport",
     "CorruptRecord",
+    "Event",
+    "FailurePolicy",
+    "GroupFinished",
     "GroupNotFound",
+    "GroupStatus",
+    "GroupSummary",
     "HardenedWorker",
     "InvalidJobFunction",
     "InvalidQueue",
@@ -48,6 +64,7 @@ __all__ = [
     "StageNotFound",
     "StageProgress",
     "StageStatus",
+    "StageSummary",
     "StagedGroup",
     "StagedGroupStage",
     "StagedJob",

@@ -19,7 +19,7 @@ from arq.constants import job_key_prefix as ARQ_JOB_KEY_PREFIX
 from redis.commands.core import AsyncScript
 
 from astages._keys import Keys
-from astages.exceptions import GroupNotFound, StageComplete, StageNotFound
+from astages.exceptions import GroupFinished, GroupNotFound, StageComplete, StageNotFound
 
 # How many jobs one script call hands to arq: a bigger stage is sent in chunks, so
 # Redis is never blocked for long (about 5 ms per 1,000 jobs).
@@ -111,5 +111,9 @@ def raise_code(reply: Any, group_id: str, number: Any) -> None:
         raise GroupNotFound(group_id)
     if code == "STAGE_GONE":
         raise StageNotFound(group_id, int(number))
+    if code == "GROUP_FINISHED":
+        raise GroupFinished(group_id)
     if code == "STAGE_COMPLETE":
         raise StageComplete(group_id, int(number))
+    if code == "STAGE_CANCELLED":
+        raise StageComplete(group_id, int(number), "cancelled")

@@ -4,7 +4,8 @@ AstagesError
 ├── GroupNotFound          the group does not exist (never created, deleted or finished)
 ├── StageNotFound          the stage does not exist in its group (or was deleted)
 ├── JobNotFound            the staged job does not exist (or was deleted)
-├── StageComplete          a complete stage takes no new jobs
+├── GroupFinished          the group ended (it was kept with keep_for) and takes no changes
+├── StageComplete          a complete (or cancelled) stage takes no new jobs
 ├── JobNotPending          the job cannot be sent to arq in its current status
 ├── InvalidStageNumber     a stage number that is not an int
 ├── InvalidJobFunction     neither a function name nor a coroutine function
@@ -19,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "AstagesError",
     "CorruptRecord",
+    "GroupFinished",
     "GroupNotFound",
     "InvalidJobFunction",
     "InvalidQueue",
@@ -61,13 +63,20 @@ class JobNotFound(AstagesError):
         super().__init__(f"staged job {job_id!r} does not exist (it was deleted, or its group finished)")
 
 
+class GroupFinished(AstagesError):
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
+        super().__init__(f"group {group_id!r} has ended (it is kept for reading only); create a new group for new work")
+
+
 class StageComplete(AstagesError):
-    def __init__(self, group_id: str, number: int) -> None:
+    def __init__(self, group_id: str, number: int, status: str = "complete") -> None:
         self.group_id = group_id
         self.number = number
+        self.status = status
         super().__init__(
-            f"stage {number} of group {group_id!r} is complete and takes no new jobs; "
-            "enqueue into a later stage instead"
+            f"stage {number} of group {group_id!r} is {status} and takes no new jobs or callbacks; "
+            "use a later stage instead"
         )
 
 

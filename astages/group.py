@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import json
+import math
 import secrets
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Motion, Store, raise_code, text
 from astages.exceptions import AstagesError, GroupNotFound, InvalidStageNumber
-from astages.models import StageStatus, ms_to_datetime, now_ms
-from astages.stage import StagedGroupStage
+from astages.models import (
+    Event,
+    FailurePolicy,
+    GroupStatus,
+    GroupSummary,
+    Schedule,
+    StageProgress,
+    StageStatus,
+    ms_to_datetime,
+    now_ms,
+)
+from astages.stage import JobFunction, StagedGroupStage, make_spec
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
 
-__all__ = ["StagedGroup", "within_a_grouping"]
+__all__ = ["DEFAULT_EVENTS", "StagedGroup", "within_a_grouping"]
+
+# Default cap of a group's event timeline (a Redis stream trimmed to about this length).
+DEFAULT_EVENTS = 1_000
 
 
 _last_id_ms = 0
@@ -79,20 +96,56 @@ class StagedGroup:
     # -- creating and finding -------------------------------------------------------
 
     @classmethod
-    async def create(cls, redis: ArqRedis, description: str = "", *, prefix: str = DEFAULT_PREFIX) -> StagedGroup:
-        """A new, empty, pending group."""
+    async def create(
+        cls,
+        redis: ArqRedis,
+        description: str = "",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        keep_for: float = 0,
+        events: int = DEFAULT_EVENTS,
+        failure_policy: FailurePolicy | str | None = None,
+    ) -> StagedGroup:
+        """A new, empty, pending group.
+
+        ``keep_for`` (seconds): keep the ended group readable, with its summary, for that
+        long (a Redis TTL) instead of deleting it at once. ``events``: cap of the group's
+        event timeline (0: none). ``failure_policy``: ``"continue"`` (default), ``"halt"``
+        or a ``FailurePolicy``; a stage may have its own."""
         if not isinstance(description, str):
             raise AstagesError(f"a group description must be a str, not {type(description).__name__}")
+        if keep_for < 0 or events < 0:
+            raise AstagesError(f"keep_for and events must be >= 0, not {keep_for!r} and {events!r}")
+        policy = FailurePolicy.of(failure_policy)
         store = Store(redis, Keys(prefix))
         created = now_ms()
         group_id = new_group_id(created)
-        await store.run("create_group", group_id, description or group_id, created)
+        await store.run(
+            "create_group",
+            group_id,
+            description or group_id,
+            created,
+            math.ceil(keep_for),
+            int(events),
+            *policy.script_args(),
+        )
         return cls(store, group_id, description, ms_to_datetime(created))
 
     @classmethod
-    def within_a_grouping(cls, redis: ArqRedis, description: str = "", *, prefix: str = DEFAULT_PREFIX) -> _Grouping:
+    def within_a_grouping(
+        cls,
+        redis: ArqRedis,
+        description: str = "",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        keep_for: float = 0,
+        events: int = DEFAULT_EVENTS,
+        failure_policy: FailurePolicy | str | None = None,
+    ) -> _Grouping:
         """Same as ``astages.within_a_grouping``."""
-        return within_a_grouping(redis, description, prefix=prefix)
+        return within_a_grouping(
+            redis, description, prefix=prefix, keep_for=keep_for, events=events, failure_policy=failure_policy
+        )
 
     @classmethod
     async def load(cls, redis: ArqRedis, group_id: str, *, prefix: str = DEFAULT_PREFIX) -> StagedGroup:
@@ -117,10 +170,14 @@ class StagedGroup:
             for group_id in ids:
                 pipe.hmget(store.keys.group(group_id), ["description", "created"])
             rows = await pipe.execute()
-        groups = []
+        groups, expired = [], []
         for group_id, (description, created) in zip(ids, rows, strict=True):
-            if created is not None:
+            if created is None:
+                expired.append(group_id)  # a group kept with keep_for whose TTL ran out
+            else:
                 groups.append(cls(store, group_id, text(description), ms_to_datetime(int(created))))
+        if expired:
+            await store.redis.zrem(store.keys.index, *expired)
         return groups
 
     @classmethod
@@ -135,12 +192,13 @@ class StagedGroup:
         """False once the group was deleted or finished (the seed's ``blank?`` negated)."""
         return bool(await self.redis.exists(self._key))
 
-    async def status(self) -> str:
-        """``pending`` until initiated, then ``running``."""
+    async def status(self) -> GroupStatus:
+        """``pending`` until initiated, then ``running``; an ended group is only seen when
+        it was made with ``keep_for``."""
         raw = await self.redis.hget(self._key, "status")
         if raw is None:
             raise GroupNotFound(self.id)
-        return text(raw)
+        return GroupStatus(text(raw))
 
     async def _numbers(self) -> builtins.list[int]:
         return [int(n) for n in await self.redis.zrange(self.store.keys.stages(self.id), 0, -1)]
@@ -171,9 +229,9 @@ class StagedGroup:
         return {n: StageStatus(text(s)) for n, s in zip(numbers, raw, strict=True) if s is not None}
 
     async def current_stage(self) -> StagedGroupStage | None:
-        """The first stage (lowest number) that is not complete, or None."""
+        """The first stage (lowest number) that has not ended, or None."""
         for n, status in (await self.stage_statuses()).items():
-            if status is not StageStatus.COMPLETE:
+            if not status.ended:
                 return StagedGroupStage(self, n)
         return None
 
@@ -191,21 +249,99 @@ class StagedGroup:
 
     async def delete(self) -> bool:
         """Delete the group, its stages and jobs (jobs not yet started leave arq's queue).
-        Returns False when there was no such group."""
+        No callback fires. Returns False when there was no such group."""
         return bool(await self.store.run("delete_group", self.id))
+
+    async def cancel(self) -> Motion:
+        """Cancel the group: jobs not yet final become ``cancelled`` (jobs not started
+        leave arq's queue at once; running ones are aborted when the worker has
+        ``allow_abort_jobs``), later stages never start, and the group ends as
+        ``cancelled``: its callbacks fire once and waiters wake."""
+        return await self.store.move("cancel_group", self.id)
+
+    async def set_failure_policy(self, policy: FailurePolicy | str | None) -> None:
+        """The group's failure policy (its stages follow it unless they have their own)."""
+        reply = await self.store.run("configure", self.id, "", *FailurePolicy.of(policy).script_args())
+        raise_code(reply, self.id, None)
+
+    async def _callback(self, event: str, function: JobFunction, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        spec, _ = make_spec(self.store, function, args, kwargs, Schedule())
+        reply = await self.store.run("add_callback", self.id, event, spec)
+        raise_code(reply, self.id, None)
+
+    async def on_complete(self, function: JobFunction, *args: Any, **kwargs: Any) -> None:
+        """Enqueue ``function(ctx, summary, *args, **kwargs)`` once, when the group ends
+        (complete, failed or cancelled: ``summary.outcome`` says which)."""
+        await self._callback("complete", function, args, kwargs)
+
+    async def on_success(self, function: JobFunction, *args: Any, **kwargs: Any) -> None:
+        """Enqueue ``function(ctx, summary, ...)`` once, when the group completes with no
+        failed or cancelled job."""
+        await self._callback("success", function, args, kwargs)
+
+    async def on_failure(self, function: JobFunction, *args: Any, **kwargs: Any) -> None:
+        """Enqueue ``function(ctx, summary, ...)`` once, at the group's first job that
+        fails for good (retries exhausted or not retried); at once if one already has."""
+        await self._callback("failure", function, args, kwargs)
+
+    async def progress(self) -> dict[int, StageProgress]:
+        """Counts per job status for every stage (O(stages), no job is read)."""
+        numbers = await self._numbers()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in numbers:
+                pipe.hgetall(self.store.keys.stage(self.id, n))
+            rows = await pipe.execute()
+        return {n: StageProgress.of(raw) for n, raw in zip(numbers, rows, strict=True) if raw}
+
+    async def summary(self) -> GroupSummary | None:
+        """The final summary of an ended group kept with ``keep_for`` (else None)."""
+        raw = await self.redis.hget(self._key, "summary")
+        return None if raw is None else GroupSummary.from_json(raw)
+
+    async def events(self, count: int = 100, *, after: str = "-") -> builtins.list[Event]:
+        """The group's timeline (oldest first): up to ``count`` events after event id ``after``."""
+        start = after if after == "-" else f"({after}"
+        rows = await self.redis.xrange(self.store.keys.events(self.id), min=start, count=count)
+        return [Event.of(entry_id, fields) for entry_id, fields in rows]
+
+    async def wait(self, timeout: float | None = None) -> GroupSummary:  # noqa: ASYNC109 - the issue fixes this API
+        """Wait until the group ends and return its summary; woken by a Redis pub/sub
+        message, not by polling. Works from any process.
+
+        Raises GroupNotFound when the group is gone (deleted, or it ended before the
+        call and was not made with ``keep_for``), and TimeoutError after ``timeout``."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.store.keys.finished_channel(self.id))
+            raw = await self.redis.hmget(self._key, ["status", "summary"])
+            if raw[0] is None:
+                raise GroupNotFound(self.id)
+            if raw[1] is not None:
+                return GroupSummary.from_json(raw[1])
+            with anyio.fail_after(timeout):
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    summary = json.loads(message["data"])
+                    if summary.get("outcome") == "deleted":
+                        raise GroupNotFound(self.id)
+                    return GroupSummary.from_json(message["data"])
+            raise GroupNotFound(self.id)  # the subscription ended: the connection closed
+        finally:
+            await pubsub.aclose()
 
 
 class _Grouping:
     """``async with within_a_grouping(redis, description) as group:``"""
 
-    def __init__(self, redis: ArqRedis, description: str, prefix: str) -> None:
+    def __init__(self, redis: ArqRedis, description: str, options: dict[str, Any]) -> None:
         self._redis = redis
         self._description = description
-        self._prefix = prefix
+        self._options = options
         self._group: StagedGroup | None = None
 
     async def __aenter__(self) -> StagedGroup:
-        self._group = await StagedGroup.create(self._redis, self._description, prefix=self._prefix)
+        self._group = await StagedGroup.create(self._redis, self._description, **self._options)
         return self._group
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -216,10 +352,19 @@ class _Grouping:
         await self._group.initiate()
 
 
-def within_a_grouping(redis: ArqRedis, description: str = "", *, prefix: str = DEFAULT_PREFIX) -> _Grouping:
+def within_a_grouping(
+    redis: ArqRedis,
+    description: str = "",
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    keep_for: float = 0,
+    events: int = DEFAULT_EVENTS,
+    failure_policy: FailurePolicy | str | None = None,
+) -> _Grouping:
     """Create a group, let the block fill its stages, then initiate it.
 
     Inside the block every stage is pending, so ``enqueue`` only records jobs. Leaving
     the block starts the first stage. An exception in the block deletes the group
-    (nothing was sent yet) and propagates."""
-    return _Grouping(redis, description, prefix)
+    (nothing was sent yet) and propagates. Options as for ``StagedGroup.create``."""
+    options = {"prefix": prefix, "keep_for": keep_for, "events": events, "failure_policy": failure_policy}
+    return _Grouping(redis, description, options)

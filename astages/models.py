@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from astages.exceptions import InvalidQueue
 
-__all__ = ["JobInfo", "JobStatus", "StageProgress", "StageStatus"]
+__all__ = [
+    "Event",
+    "FailurePolicy",
+    "GroupStatus",
+    "GroupSummary",
+    "JobInfo",
+    "JobStatus",
+    "StageProgress",
+    "StageStatus",
+    "StageSummary",
+]
 
 
 class JobStatus(str, Enum):
@@ -21,11 +32,12 @@ class JobStatus(str, Enum):
     PENDING_RE_RUN = "pending_re_run"
     FAILED = "failed"
     SUCCESSFUL = "successful"
+    CANCELLED = "cancelled"
 
     @property
     def completed(self) -> bool:
-        """Failed or successful: the job is final."""
-        return self in (JobStatus.FAILED, JobStatus.SUCCESSFUL)
+        """Failed, successful or cancelled: the job is final."""
+        return self in (JobStatus.FAILED, JobStatus.SUCCESSFUL, JobStatus.CANCELLED)
 
     @property
     def queued(self) -> bool:
@@ -42,6 +54,27 @@ class StageStatus(str, Enum):
     PENDING = "pending"
     RUNNING = "running"
     COMPLETE = "complete"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (StageStatus.COMPLETE, StageStatus.CANCELLED)
+
+
+class GroupStatus(str, Enum):
+    """A group is pending until initiated, running, then ends complete (every job
+    final), failed (stopped by its failure policy) or cancelled. An ended group is only
+    seen when it was made with ``keep_for``; otherwise it deletes itself."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (GroupStatus.COMPLETE, GroupStatus.FAILED, GroupStatus.CANCELLED)
 
 
 # One-letter codes the scripts store (see lua/_lib.lua), with the try number after it.
@@ -52,6 +85,7 @@ CODES = {
     "e": JobStatus.PENDING_RE_RUN,
     "s": JobStatus.SUCCESSFUL,
     "f": JobStatus.FAILED,
+    "c": JobStatus.CANCELLED,
 }
 
 
@@ -113,15 +147,16 @@ class StageProgress:
     pending_re_run: int = 0
     successful: int = 0
     failed: int = 0
+    cancelled: int = 0
     retried: int = 0  # retries so far (a job retried twice counts 2)
 
     @property
     def total(self) -> int:
-        return self.pending + self.queued + self.running + self.pending_re_run + self.successful + self.failed
+        return self.finished + self.pending + self.queued + self.running + self.pending_re_run
 
     @property
     def finished(self) -> int:
-        return self.successful + self.failed
+        return self.successful + self.failed + self.cancelled
 
     @property
     def open(self) -> int:
@@ -133,6 +168,9 @@ class StageProgress:
             return int(raw.get(name.encode(), 0))
 
         return cls(*(get(name) for name in cls.__slots__))
+
+    def __add__(self, other: StageProgress) -> StageProgress:
+        return StageProgress(*(getattr(self, n) + getattr(other, n) for n in self.__slots__))
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__} | {"total": self.total}
@@ -155,3 +193,132 @@ class JobInfo:
     tries: int
     status_message: str
     error: str | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class FailurePolicy:
+    """When failures stop a group. The default, ``continue``, is the seed's: a failed
+    job counts as complete and the next stage still runs. Otherwise the group halts
+    (its unfinished jobs are cancelled, later stages never start, it ends ``failed``)
+    when a stage has more than ``max_failed`` failed jobs, or when more than
+    ``max_ratio`` (0..1) of a stage's jobs failed."""
+
+    max_failed: int | None = None
+    max_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_failed is not None and (isinstance(self.max_failed, bool) or self.max_failed < 0):
+            raise ValueError(f"max_failed must be an int >= 0, not {self.max_failed!r}")
+        if self.max_ratio is not None and not 0 <= self.max_ratio < 1:
+            raise ValueError(f"max_ratio must be in [0, 1), not {self.max_ratio!r}")
+
+    @classmethod
+    def of(cls, value: FailurePolicy | str | None) -> FailurePolicy:
+        """A policy from ``"continue"``, ``"halt"`` (the first failure halts) or itself."""
+        if value is None or value == "continue":
+            return cls()
+        if value == "halt":
+            return cls(max_failed=0)
+        if isinstance(value, FailurePolicy):
+            return value
+        raise ValueError(f"a failure policy is 'continue', 'halt' or a FailurePolicy, not {value!r}")
+
+    def script_args(self) -> tuple[int | float, int | float]:
+        return (
+            -1 if self.max_failed is None else self.max_failed,
+            -1 if self.max_ratio is None else self.max_ratio,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StageSummary:
+    number: int
+    status: str
+    total: int
+    successful: int
+    failed: int
+    cancelled: int
+    retried: int
+    started: dt.datetime | None
+    finished: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    """What a group came to: sent to callbacks, returned by ``wait()``, kept on a group
+    made with ``keep_for``. ``outcome`` is complete, failed, cancelled, or running for
+    a failure or stage callback (the group goes on); ``stage`` is set for a stage callback."""
+
+    group_id: str
+    description: str
+    outcome: str
+    at: dt.datetime
+    stages: tuple[StageSummary, ...]
+    failed_jobs: tuple[str, ...]
+    stage: int | None = None
+
+    @property
+    def successful(self) -> int:
+        return sum(s.successful for s in self.stages)
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.stages)
+
+    @property
+    def cancelled(self) -> int:
+        return sum(s.cancelled for s in self.stages)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> GroupSummary:
+        data = json.loads(raw)
+
+        def when(value: Any) -> dt.datetime | None:
+            return None if value is None else ms_to_datetime(int(value))
+
+        stages = data.get("stages") or []
+        return cls(
+            group_id=str(data["group_id"]),
+            description=str(data.get("description") or data["group_id"]),
+            outcome=str(data["outcome"]),
+            at=ms_to_datetime(int(data.get("at") or 0)),
+            stages=tuple(
+                StageSummary(
+                    number=int(s["number"]),
+                    status=str(s.get("status")),
+                    total=int(s.get("total", 0)),
+                    successful=int(s.get("successful", 0)),
+                    failed=int(s.get("failed", 0)),
+                    cancelled=int(s.get("cancelled", 0)),
+                    retried=int(s.get("retried", 0)),
+                    started=when(s.get("started")),
+                    finished=when(s.get("finished")),
+                )
+                for s in (stages if isinstance(stages, list) else [])
+            ),
+            failed_jobs=tuple(data.get("failed_jobs") or ()),  # cjson writes [] as {}
+            stage=None if data.get("stage") is None else int(data["stage"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a group's event timeline: a job or stage transition."""
+
+    id: str
+    at: dt.datetime
+    kind: str  # job, stage or group
+    subject: str  # "<stage>:<seq>" for a job, the stage number, or the group id
+    from_status: str | None
+    to_status: str
+    details: dict[str, str]
+
+    @classmethod
+    def of(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        data = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+        kind = next((k for k in ("job", "stage", "group") if k in data), "group")
+        subject = data.pop(kind, "")
+        from_status = data.pop("from", None)
+        to_status = data.pop("to", "")
+        return cls(eid, ms_to_datetime(int(eid.split("-")[0])), kind, subject, from_status, to_status, data)

@@ -13,12 +13,21 @@ from astages._keys import JobRef
 from astages._scripts import Motion, Store, raise_code, text
 from astages.exceptions import InvalidJobFunction, InvalidQueue, StageNotFound
 from astages.job import StagedJob
-from astages.models import Schedule, StageProgress, StageStatus, decode_code, encode_spec, ms_to_datetime, now_ms
+from astages.models import (
+    FailurePolicy,
+    Schedule,
+    StageProgress,
+    StageStatus,
+    decode_code,
+    encode_spec,
+    ms_to_datetime,
+    now_ms,
+)
 
 if TYPE_CHECKING:
     from astages.group import StagedGroup
 
-__all__ = ["JobCall", "StagedGroupStage", "function_name"]
+__all__ = ["JobCall", "StagedGroupStage", "function_name", "make_spec"]
 
 # How many jobs one script call records (Lua's unpack() takes about 8,000 values).
 RECORD_BATCH = 2_000
@@ -56,6 +65,32 @@ def _at_ms(value: dt.datetime | float | int) -> int:
             value = value.astimezone()
         return int(value.timestamp() * 1000)
     return int(float(value) * 1000)
+
+
+def make_spec(
+    store: Store, function: JobFunction, args: Sequence[Any], kwargs: dict[str, Any], schedule: Schedule
+) -> tuple[bytes, StagedJob]:
+    """The stored spec of a new job (or callback) and its handle (bound once its seq is
+    known). Pops arq's own options out of ``kwargs``."""
+    redis = store.redis
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _ARQ_OPTIONS}
+    if "_job_id" in kwargs:
+        raise InvalidJobFunction("_job_id= (astages chooses the ids of staged jobs)")
+    queue = options.get("_queue_name") or getattr(redis, "default_queue_name", "arq:queue")
+    if not isinstance(queue, str):
+        raise InvalidQueue(queue)
+    if "_defer_until" in options:
+        schedule = Schedule("a", _at_ms(options["_defer_until"]), schedule.expires_ms)
+    elif "_defer_by" in options:
+        schedule = Schedule("i", _seconds_ms(options["_defer_by"]), schedule.expires_ms)
+    if options.get("_expires") is not None:
+        schedule = Schedule(schedule.kind, schedule.ms, _seconds_ms(options["_expires"]))
+    name = function_name(function)
+    queued_at = now_ms()
+    serializer = getattr(redis, "job_serializer", None)
+    payload = serialize_job(name, tuple(args), kwargs, options.get("_job_try"), queued_at, serializer=serializer)
+    job = StagedJob(store, None, name, tuple(args), kwargs, queue, ms_to_datetime(queued_at), schedule)
+    return encode_spec(schedule, queue, payload), job
 
 
 class StagedGroupStage:
@@ -149,32 +184,7 @@ class StagedGroupStage:
     def _spec(
         self, function: JobFunction, args: Sequence[Any], kwargs: dict[str, Any], schedule: Schedule
     ) -> tuple[bytes, StagedJob]:
-        """The stored spec of a new job, and its handle (bound once its seq is known)."""
-        redis = self._store.redis
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _ARQ_OPTIONS}
-        if "_job_id" in kwargs:
-            raise InvalidJobFunction("_job_id= (astages chooses the ids of staged jobs)")
-        queue = options.get("_queue_name") or getattr(redis, "default_queue_name", "arq:queue")
-        if not isinstance(queue, str):
-            raise InvalidQueue(queue)
-        if "_defer_until" in options:
-            schedule = Schedule("a", _at_ms(options["_defer_until"]), schedule.expires_ms)
-        elif "_defer_by" in options:
-            schedule = Schedule("i", _seconds_ms(options["_defer_by"]), schedule.expires_ms)
-        if options.get("_expires") is not None:
-            schedule = Schedule(schedule.kind, schedule.ms, _seconds_ms(options["_expires"]))
-        name = function_name(function)
-        queued_at = now_ms()
-        payload = serialize_job(
-            name,
-            tuple(args),
-            kwargs,
-            options.get("_job_try"),
-            queued_at,
-            serializer=getattr(redis, "job_serializer", None),
-        )
-        job = StagedJob(self._store, None, name, tuple(args), kwargs, queue, ms_to_datetime(queued_at), schedule)
-        return encode_spec(schedule, queue, payload), job
+        return make_spec(self._store, function, args, kwargs, schedule)
 
     async def _record(self, batch: list[tuple[bytes, StagedJob]]) -> list[StagedJob]:
         reply = await self._store.run("enqueue", self.group.id, self.number, *(spec for spec, _ in batch))
@@ -245,6 +255,25 @@ class StagedGroupStage:
         """Start the stage: send its pending jobs to arq. An empty stage completes at once
         and the group moves on."""
         return await self._store.move("initiate_stage", self.group.id, self.number)
+
+    async def cancel(self) -> Motion:
+        """Cancel the stage: its jobs not yet final become ``cancelled`` (jobs not started
+        leave arq's queue; running ones are aborted when the worker allows aborts), its
+        callbacks fire, and a running group moves on to its next stage."""
+        return await self._store.move("cancel_stage", self.group.id, self.number)
+
+    async def on_complete(self, function: JobFunction, *args: Any, **kwargs: Any) -> None:
+        """Enqueue ``function(ctx, summary, *args, **kwargs)`` once, when this stage
+        completes or is cancelled (``summary.stage`` is its number)."""
+        spec, _ = make_spec(self._store, function, args, dict(kwargs), Schedule())
+        reply = await self._store.run("add_callback", self.group.id, f"stage.{self.number}", spec)
+        raise_code(reply, self.group.id, self.number)
+
+    async def set_failure_policy(self, policy: FailurePolicy | str | None) -> None:
+        """This stage's own failure policy (None: follow the group's)."""
+        args: tuple[Any, ...] = ("", "") if policy is None else FailurePolicy.of(policy).script_args()
+        reply = await self._store.run("configure", self.group.id, self.number, *args)
+        raise_code(reply, self.group.id, self.number)
 
     async def delete(self) -> Motion:
         """Delete the stage and its jobs (jobs not yet started leave arq's queue). A

@@ -32,10 +32,11 @@ from arq.jobs import deserialize_result
 from arq.worker import Function, RetryJob, func
 from redis.exceptions import RedisError
 
-from astages._keys import DEFAULT_PREFIX, JobRef, Keys
+from astages._keys import DEFAULT_PREFIX, CallbackRef, JobRef, Keys
 from astages._scripts import Store, text
-from astages.exceptions import RetriesExhausted
+from astages.exceptions import CorruptRecord, RetriesExhausted
 from astages.job import CTX_JOB, StagedJob
+from astages.models import GroupSummary
 from astages.runner import reconnecting
 from astages.sweeper import DEFAULT_GRACE, DEFAULT_INTERVAL, Sweeper
 
@@ -89,8 +90,13 @@ def _wrap(function: Function, runtime: _Runtime) -> Function:
     max_tries = runtime.max_tries if function.max_tries is None else function.max_tries
 
     async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        ref = runtime.keys.parse_job_id(str(ctx.get("job_id", "")))
+        job_id = str(ctx.get("job_id", ""))
+        ref = runtime.keys.parse_job_id(job_id)
         if ref is None:
+            callback = runtime.keys.parse_callback_id(job_id)
+            if callback is not None:
+                summary = await _callback_summary(ctx, callback, runtime)
+                return await coroutine(ctx, summary, *args, **kwargs)
             return await coroutine(ctx, *args, **kwargs)
         return await _run_staged(ctx, ref, function.name, coroutine, max_tries, runtime, args, kwargs)
 
@@ -103,6 +109,17 @@ def _wrap(function: Function, runtime: _Runtime) -> Function:
         keep_result_forever=function.keep_result_forever,
         max_tries=function.max_tries,
     )
+
+
+async def _callback_summary(ctx: dict[str, Any], callback: CallbackRef, runtime: _Runtime) -> GroupSummary:
+    """The summary a group callback receives (written by the script that fired it)."""
+    raw = await ctx["redis"].get(runtime.keys.summary(callback.group_id, callback.event))
+    if raw is None:
+        raise CorruptRecord(
+            runtime.keys.summary(callback.group_id, callback.event),
+            "the summary of this callback is gone (it expires a day after the event, or keep_for)",
+        )
+    return GroupSummary.from_json(raw)
 
 
 async def _run_staged(

@@ -151,6 +151,9 @@ async def test_every_script_survives_script_flush(real_redis, name):
         "enqueue_job": (1, ref.seq),
         "delete_job": (1, ref.seq),
         "delete_stage": (1,),
+        "cancel_stage": (1,),
+        "add_callback": ("complete", b"n0|0|9|arq:queuepayload"),
+        "configure": ("", 0, -1),
     }.get(name, ())
     await store.run(name, group.id, *args)
     assert await real_redis.script_exists(SCRIPTS[name].sha) == [True]

@@ -11,14 +11,22 @@
 -- Script specific arguments start at ARGV[5].
 --
 -- Layout of a group (G = KEYS[1]):
---   G               hash   description, created, status, initiated, finished
+--   G               hash   description, created, status (pending, running, then complete,
+--                          failed or cancelled), initiated, finished, keep_for, events
+--                          (stream cap), max_failed / max_ratio (failure policy), cbseq,
+--                          failed_once, summary (kept groups)
+--   G:callbacks     hash   "<event>:<k>" -> job spec; event is complete, success, failure
+--                          or stage.<n>
+--   G:events        stream job and stage transitions, capped at the group's events cap
+--   G:summary:<ev>  string JSON summary a callback of event <ev> receives (expires)
 --   G:stages        zset   stage number -> stage number (ascending run order)
---   G:s:<n>         hash   number, status, created, started, finished, seq, cursor,
---                          and one counter per job status (O(1) progress), retried
+--   G:s:<n>         hash   number, status (pending, running, complete, cancelled),
+--                          created, started, finished, seq, cursor, max_failed /
+--                          max_ratio, and one counter per job status (O(1)), retried
 --   G:s:<n>:jobs    list   job seq numbers in enqueue order
 --   G:s:<n>:spec    hash   seq -> "<kind><ms>|<expires>|<queue length>|<queue><arq payload>"
 --   G:s:<n>:open    hash   seq -> status of every job not final: p, q, r<try>, e<try>
---   G:s:<n>:done    hash   seq -> final status: s<try>, f<try>
+--   G:s:<n>:done    hash   seq -> final status: s<try>, f<try>, c<try> (cancelled)
 --   G:s:<n>:msg     hash   seq -> status message (only jobs that set one)
 --   G:s:<n>:err     hash   seq -> error of a failed job
 -- A job is in exactly one of :open and :done. Completion is counted by HDEL from :open
@@ -30,11 +38,18 @@ local IDBASE = ARGV[1]
 local ARQ_JOB = ARGV[2]
 local EXPIRES_EXTRA = tonumber(ARGV[3])
 local SEND_LIMIT = tonumber(ARGV[4])
+-- arq's set of jobs to abort, beside its job keys ("arq:job:" -> "arq:abort").
+local ARQ_ABORT = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'abort'
 
 local COUNTER = {
   p = 'pending', q = 'queued', r = 'running', e = 'pending_re_run',
-  s = 'successful', f = 'failed',
+  s = 'successful', f = 'failed', c = 'cancelled',
 }
+local STATUS = COUNTER
+local FINAL_GROUP = {complete = true, failed = true, cancelled = true}
+-- How long a callback's summary is kept for it to read (seconds), at least.
+local SUMMARY_TTL = 86400
+local MAX_FAILED_IDS = 1000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -56,6 +71,20 @@ local function try_of(code)
   return tonumber(string.sub(code, 2)) or 0
 end
 
+local events_cap = nil
+
+-- Append a transition to the group's capped event stream (fields: a flat list).
+local function event(fields)
+  if events_cap == nil then events_cap = tonumber(redis.call('HGET', G, 'events') or '0') or 0 end
+  if events_cap > 0 then
+    redis.call('XADD', G .. ':events', 'MAXLEN', '~', events_cap, '*', unpack(fields))
+  end
+end
+
+local function group_final()
+  return FINAL_GROUP[redis.call('HGET', G, 'status') or ''] == true
+end
+
 -- Split a job spec into its schedule, expiry, queue and arq payload.
 local function parse_spec(spec)
   local p1 = string.find(spec, '|', 1, true)
@@ -72,16 +101,19 @@ end
 
 -- Write arq's own job record and queue entry for job seq of stage n (what
 -- ArqRedis.enqueue_job does, minus its round trips). An "in" delay counts from now.
-local function send(sk, n, seq, now)
-  local kind, when, expires, queue, payload = parse_spec(redis.call('HGET', sk .. ':spec', seq))
+local function write_arq_job(spec, job_id, now)
+  local kind, when, expires, queue, payload = parse_spec(spec)
   local score = now
   if kind == 'a' then score = when elseif kind == 'i' then score = now + when end
   local ttl = expires
   if ttl <= 0 then ttl = score - now + EXPIRES_EXTRA end
   if ttl < 1 then ttl = 1 end
-  local job_id = IDBASE .. n .. ':' .. seq
   redis.call('SET', ARQ_JOB .. job_id, payload, 'PX', ttl)
   redis.call('ZADD', queue, score, job_id)
+end
+
+local function send(sk, n, seq, now)
+  write_arq_job(redis.call('HGET', sk .. ':spec', seq), IDBASE .. n .. ':' .. seq, now)
   redis.call('HSET', sk .. ':open', seq, 'q')
   count(sk, 'p', 'q')
 end
@@ -113,20 +145,158 @@ local function send_chunk(n, now, budget)
   return total - cursor, budget - #seqs
 end
 
-local function complete_stage(n, now)
-  redis.call('HSET', stage_key(n), 'status', 'complete', 'finished', now)
-end
-
 local function delete_stage_keys(n)
   local sk = stage_key(n)
   redis.call('UNLINK', sk, sk .. ':jobs', sk .. ':spec', sk .. ':open', sk .. ':done',
     sk .. ':msg', sk .. ':err')
 end
 
-local function finish_group(now)
+-- The group's summary as JSON: what callbacks, wait() and kept groups see.
+local function summary(outcome, now, stage_n)
+  local h = redis.call('HMGET', G, 'description', 'created', 'initiated')
+  local out = {
+    group_id = string.match(G, '{(.*)}'), description = h[1], outcome = outcome,
+    created = tonumber(h[2]), initiated = tonumber(h[3]), at = now, stages = {},
+    failed_jobs = {},
+  }
+  if stage_n then out.stage = tonumber(stage_n) end
+  for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+    local sk = stage_key(n)
+    local c = redis.call('HMGET', sk, 'status', 'successful', 'failed', 'cancelled', 'retried',
+      'started', 'finished')
+    out.stages[#out.stages + 1] = {
+      number = tonumber(n), status = c[1], total = redis.call('LLEN', sk .. ':jobs'),
+      successful = tonumber(c[2]) or 0, failed = tonumber(c[3]) or 0,
+      cancelled = tonumber(c[4]) or 0, retried = tonumber(c[5]) or 0,
+      started = tonumber(c[6]), finished = tonumber(c[7]),
+    }
+    if (tonumber(c[3]) or 0) > 0 and #out.failed_jobs < MAX_FAILED_IDS then
+      for _, seq in ipairs(redis.call('HKEYS', sk .. ':err')) do
+        if #out.failed_jobs >= MAX_FAILED_IDS then break end
+        out.failed_jobs[#out.failed_jobs + 1] = IDBASE .. n .. ':' .. seq
+      end
+    end
+  end
+  return cjson.encode(out)
+end
+
+-- Enqueue every callback registered for event ev, once (the caller's transition is
+-- itself exactly-once); the summary they receive is kept beside the group.
+local function fire(ev, outcome, now, stage_n)
+  local cbs = redis.call('HGETALL', G .. ':callbacks')
+  local text = nil
+  for i = 1, #cbs, 2 do
+    local field = cbs[i]
+    if string.sub(field, 1, #ev + 1) == ev .. ':' then
+      if text == nil then
+        text = summary(outcome, now, stage_n)
+        local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+        if keep < SUMMARY_TTL then keep = SUMMARY_TTL end
+        redis.call('SET', G .. ':summary:' .. ev, text, 'EX', keep)
+      end
+      write_arq_job(cbs[i + 1], IDBASE .. 'cb:' .. field, now)
+    end
+  end
+end
+
+local function complete_stage(n, now)
+  redis.call('HSET', stage_key(n), 'status', 'complete', 'finished', now)
+  event({'stage', n, 'to', 'complete'})
+  fire('stage.' .. n, 'running', now, n)
+end
+
+-- Cancel every open job of stage n: jobs not started leave arq's queue, running ones
+-- are asked to abort (arq honours it when the worker has allow_abort_jobs).
+local function cancel_stage_jobs(n, now)
+  local sk = stage_key(n)
+  local open = redis.call('HGETALL', sk .. ':open')
+  local cancelled = 0
+  for i = 1, #open, 2 do
+    local seq, cur = open[i], open[i + 1]
+    local c = string.sub(cur, 1, 1)
+    if c == 'q' or c == 'e' then unsend(sk, n, seq) end
+    if c == 'r' then redis.call('ZADD', ARQ_ABORT, now, IDBASE .. n .. ':' .. seq) end
+    local code = 'c' .. try_of(cur)
+    redis.call('HSET', sk .. ':done', seq, code)
+    count(sk, cur, code)
+    cancelled = cancelled + 1
+  end
+  redis.call('DEL', sk .. ':open')
+  redis.call('HSET', sk, 'cursor', redis.call('LLEN', sk .. ':jobs'))
+  return cancelled
+end
+
+local function cancel_stage(n, now)
+  local cancelled = cancel_stage_jobs(n, now)
+  redis.call('HSET', stage_key(n), 'status', 'cancelled', 'finished', now)
+  event({'stage', n, 'to', 'cancelled', 'jobs', cancelled})
+  fire('stage.' .. n, 'cancelled', now, n)
+end
+
+-- Delete every key of the group (callback summaries stay until they expire).
+local function drop_group()
   for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do delete_stage_keys(n) end
-  redis.call('UNLINK', G, G .. ':stages')
+  redis.call('UNLINK', G, G .. ':stages', G .. ':callbacks', G .. ':events')
   redis.call('ZREM', INDEX, string.match(G, '{(.*)}'))
+end
+
+-- The group is over: fire its callbacks, tell waiters, then delete every key of the
+-- group, or keep it readable for keep_for seconds.
+local function finish_group(now, outcome)
+  outcome = outcome or 'complete'
+  local failed = 0
+  for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled')
+    failed = failed + (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+  end
+  fire('complete', outcome, now)
+  if outcome == 'complete' and failed == 0 then fire('success', outcome, now) end
+  local text = summary(outcome, now)
+  redis.call('PUBLISH', IDBASE .. 'finished', text)
+  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+  if keep > 0 then
+    local gid = string.match(G, '{(.*)}')
+    redis.call('HSET', G, 'status', outcome, 'finished', now, 'summary', text)
+    event({'group', gid, 'to', outcome})
+    local keys = {G, G .. ':stages', G .. ':callbacks', G .. ':events'}
+    for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+      local sk = stage_key(n)
+      for _, k in ipairs({sk, sk .. ':jobs', sk .. ':spec', sk .. ':open', sk .. ':done', sk .. ':msg', sk .. ':err'}) do
+        keys[#keys + 1] = k
+      end
+    end
+    for _, k in ipairs(keys) do redis.call('EXPIRE', k, keep) end
+    return
+  end
+  drop_group()
+end
+
+-- Stop the group with outcome ('failed' by a failure policy, or 'cancelled'): every
+-- stage not complete is cancelled, later stages never start.
+local function stop_group(now, outcome)
+  for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+    local st = redis.call('HGET', stage_key(n), 'status')
+    if st == 'pending' or st == 'running' then cancel_stage(n, now) end
+  end
+  finish_group(now, outcome)
+  return {'finished', '', 0}
+end
+
+-- True when stage n's failures breach its failure policy (the stage's own, else the
+-- group's; -1 or none means "continue").
+local function policy_breached(n)
+  local sk = stage_key(n)
+  local s = redis.call('HMGET', sk, 'max_failed', 'max_ratio', 'failed')
+  local g = redis.call('HMGET', G, 'max_failed', 'max_ratio')
+  local max_failed = tonumber(s[1] or g[1] or '-1')
+  local max_ratio = tonumber(s[2] or g[2] or '-1')
+  local failed = tonumber(s[3]) or 0
+  if max_failed >= 0 and failed > max_failed then return true end
+  if max_ratio >= 0 then
+    local total = redis.call('LLEN', sk .. ':jobs')
+    if total > 0 and failed / total > max_ratio then return true end
+  end
+  return false
 end
 
 -- Move the group on: keep sending the running stage(s); when none runs, start the
@@ -155,11 +325,12 @@ local function advance(now)
       return {'running', running[1], left}
     end
     if first_pending == nil then
-      finish_group(now)
+      finish_group(now, 'complete')
       return {'finished', '', 0}
     end
     local sk = stage_key(first_pending)
     redis.call('HSET', sk, 'status', 'running', 'started', now)
+    event({'stage', first_pending, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
     local left
     left, budget = send_chunk(first_pending, now, budget)
     if left > 0 or redis.call('HLEN', sk .. ':open') > 0 then

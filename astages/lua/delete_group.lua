@@ -1,5 +1,6 @@
--- Delete the group, its stages and jobs; jobs not yet started leave arq's queue.
--- Returns 1, or 0 when there was no such group (its index entry is dropped anyway).
+-- Delete the group, its stages and jobs; jobs not yet started leave arq's queue and
+-- waiters are told. No callback fires. Returns 1, or 0 when there was no such group
+-- (its index entry is dropped anyway).
 if redis.call('EXISTS', G) == 0 then
   redis.call('ZREM', INDEX, string.match(G, '{(.*)}'))
   return 0
@@ -12,5 +13,6 @@ for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
     if c == 'q' or c == 'e' then unsend(sk, n, open[i]) end
   end
 end
-finish_group(now_ms())
+drop_group()
+redis.call('PUBLISH', IDBASE .. 'finished', cjson.encode({group_id = string.match(G, '{(.*)}'), outcome = 'deleted'}))
 return 1

@@ -17,6 +17,7 @@ redis.call('HDEL', sk .. ':spec', seq)
 redis.call('HDEL', sk .. ':msg', seq)
 redis.call('HDEL', sk .. ':err', seq)
 redis.call('LREM', sk .. ':jobs', 1, seq)
+event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur or fin, 1, 1)], 'to', 'deleted'})
 local cursor = tonumber(redis.call('HGET', sk, 'cursor') or '0')
 if cursor > 0 then redis.call('HSET', sk, 'cursor', cursor - 1) end
 if not cur then return {'open', n, 0} end

@@ -1,13 +1,14 @@
 -- Record jobs in stage ARGV[5]; ARGV[6..] are their specs (see _lib.lua).
 -- A pending stage only records them; a running stage hands them to arq at once.
 -- Returns {first seq, 1 if sent else 0} or an error code:
--- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE'.
+-- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
 local n = ARGV[5]
 local sk = stage_key(n)
 local st = redis.call('HGET', sk, 'status')
 if not st then return 'STAGE_GONE' end
 if st == 'complete' then return 'STAGE_COMPLETE' end
+if st == 'cancelled' then return 'STAGE_CANCELLED' end
 local count_new = #ARGV - 5
 if count_new < 1 then return {0, 0} end
 local last = redis.call('HINCRBY', sk, 'seq', count_new)
@@ -27,5 +28,8 @@ redis.call('HSET', sk .. ':open', unpack(opens))
 redis.call('HINCRBY', sk, 'pending', count_new)
 if st ~= 'running' then return {first, 0} end
 local now = now_ms()
-for _, seq in ipairs(seqs) do send(sk, n, seq, now) end
+for _, seq in ipairs(seqs) do
+  send(sk, n, seq, now)
+  event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'queued'})
+end
 return {first, 1}

@@ -13,6 +13,7 @@ local now = now_ms()
 local c = string.sub(cur, 1, 1)
 if c == 'p' then
   send(sk, n, seq, now)
+  event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'queued'})
   return 'queued'
 end
 if c == 'e' then

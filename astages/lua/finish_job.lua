@@ -1,5 +1,6 @@
 -- Report the outcome of try ARGV[7] of job ARGV[6] of stage ARGV[5]:
 -- ARGV[8] is 's' (successful), 'f' (failed, ARGV[9] the error) or 'e' (will be re-run).
+-- A failure that breaches the failure policy stops the group (see stop_group).
 -- Idempotent: a report for a job already final, or older than the job's latest try,
 -- changes nothing. Returns {outcome, stage, jobs still to send} where outcome is
 -- 'gone', 'dup', 'stale', 'retry', 'open' (stage still has open jobs), 'complete',
@@ -17,11 +18,21 @@ if outcome == 'e' then
   redis.call('HSET', sk .. ':open', seq, code)
   count(sk, cur, code)
   redis.call('HINCRBY', sk, 'retried', 1)
+  event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'pending_re_run', 'try', try})
   return {'retry', n, 0}
 end
 redis.call('HDEL', sk .. ':open', seq)
 local code = outcome .. try
 redis.call('HSET', sk .. ':done', seq, code)
 count(sk, cur, code)
-if outcome == 'f' then redis.call('HSET', sk .. ':err', seq, ARGV[9]) end
-return after_job_left(n, now_ms())
+local now = now_ms()
+if outcome == 'f' then
+  redis.call('HSET', sk .. ':err', seq, ARGV[9])
+  event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'failed', 'try', try,
+    'error', string.sub(ARGV[9], 1, 200)})
+  if redis.call('HSETNX', G, 'failed_once', now) == 1 then fire('failure', 'running', now) end
+  if not group_final() and policy_breached(n) then return stop_group(now, 'failed') end
+else
+  event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'successful', 'try', try})
+end
+return after_job_left(n, now)

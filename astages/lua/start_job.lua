@@ -11,5 +11,6 @@ local code = 'r' .. try
 if cur ~= code then
   redis.call('HSET', sk .. ':open', seq, code)
   count(sk, cur, code)
+  event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'running', 'try', try})
 end
 return 'run'

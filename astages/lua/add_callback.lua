@@ -1,0 +1,24 @@
+-- Register a callback job: ARGV[5] event (complete, success, failure, stage.<n>),
+-- ARGV[6] its job spec. A failure callback registered after the group's first failure
+-- fires at once. Returns the callback's field "<event>:<k>", or 'GROUP_GONE',
+-- 'GROUP_FINISHED', 'STAGE_GONE', 'STAGE_COMPLETE'.
+if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
+if group_final() then return 'GROUP_FINISHED' end
+local ev = ARGV[5]
+local n = string.match(ev, '^stage%.(.+)$')
+if n then
+  local st = redis.call('HGET', stage_key(n), 'status')
+  if not st then return 'STAGE_GONE' end
+  if st == 'complete' or st == 'cancelled' then return 'STAGE_COMPLETE' end
+end
+local field = ev .. ':' .. redis.call('HINCRBY', G, 'cbseq', 1)
+redis.call('HSET', G .. ':callbacks', field, ARGV[6])
+if ev == 'failure' and redis.call('HEXISTS', G, 'failed_once') == 1 then
+  local now = now_ms()
+  local text = summary('running', now)
+  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+  if keep < SUMMARY_TTL then keep = SUMMARY_TTL end
+  redis.call('SET', G .. ':summary:failure', text, 'EX', keep)
+  write_arq_job(ARGV[6], IDBASE .. 'cb:' .. field, now)
+end
+return field

@@ -35,7 +35,7 @@ for _, n in ipairs(order) do
       listed[seq] = true
       if tonumber(seq) and tonumber(seq) > top then top = tonumber(seq) end
     end
-    local counts = {p = 0, q = 0, r = 0, e = 0, s = 0, f = 0}
+    local counts = {p = 0, q = 0, r = 0, e = 0, s = 0, f = 0, c = 0}
     local with_arq, open_n, done_n = false, 0, 0
     for _, part in ipairs({'open', 'done'}) do
       local flat = redis.call('HGETALL', sk .. ':' .. part)
@@ -57,7 +57,7 @@ for _, n in ipairs(order) do
       if with_arq then st = 'running' elseif open_n == 0 and done_n > 0 then st = 'complete' else st = 'pending' end
       redis.call('HSET', sk, 'number', n, 'status', st, 'created', now, 'seq', top, 'cursor', 0,
         'pending', counts.p, 'queued', counts.q, 'running', counts.r, 'pending_re_run', counts.e,
-        'successful', counts.s, 'failed', counts.f, 'retried', 0)
+        'successful', counts.s, 'failed', counts.f, 'cancelled', counts.c, 'retried', 0)
       if st ~= 'pending' then redis.call('HSET', sk, 'started', now) end
       if st == 'complete' then redis.call('HSET', sk, 'finished', now) end
       out[#out + 1] = 'stage_recreated'; out[#out + 1] = gid .. ':' .. n

@@ -62,7 +62,7 @@ async def test_cleanup_on_a_healthy_database_changes_nothing(real_redis):
 
 async def test_stage_without_group_gets_its_group_back_and_finishes(real_redis):
     """A stage whose group hash is gone gets the group back (running: its jobs are with arq); it then finishes."""
-    group, (jobs, _) = await make_group(real_redis, (3, 2))
+    group, (_jobs, _) = await make_group(real_redis, (3, 2))
     await real_redis.delete(group.store.keys.group(group.id))
     await real_redis.zrem(group.store.keys.index, group.id)
     assert not await group.exists()
@@ -78,7 +78,7 @@ async def test_stage_without_group_gets_its_group_back_and_finishes(real_redis):
 
 async def test_jobs_without_stage_get_their_stage_back(real_redis):
     """Jobs whose stage hash is gone get the stage back, with counters rebuilt from the jobs."""
-    group, (jobs, later) = await make_group(real_redis, (4, 1))
+    group, (jobs, _later) = await make_group(real_redis, (4, 1))
     keys = group.store.keys
     await group.store.run("start_job", group.id, 1, jobs[0].ref.seq, 1)
     await group.store.run("finish_job", group.id, 1, jobs[0].ref.seq, 1, "s", "")
@@ -106,9 +106,7 @@ async def test_ids_missing_from_their_lists_are_readded(real_redis):
     breaches = await Cleaner.check(real_redis)
     assert breaches == {}  # not indexed: check sees live (indexed) groups only
     await real_redis.zadd(keys.index, {group.id: 1})
-    assert "jobs missing from the stage's job list" in " ".join(
-        (await Cleaner.check(real_redis))[group.id]
-    )
+    assert "jobs missing from the stage's job list" in " ".join((await Cleaner.check(real_redis))[group.id])
     await real_redis.zrem(keys.index, group.id)
     report = await Cleaner.cleanup_jobs(real_redis)
     assert report.jobs_relinked == (jobs[1].id,)

@@ -328,3 +328,19 @@ async def test_running_job_grows_its_stage(redis):
     assert RUNS.index("g-child") < RUNS.index("g-next")
     assert sorted(RUNS) == ["g", "g-child", "g-next"]
     assert not await group.exists()
+
+
+async def test_failure_callback_registered_after_the_failure(redis):
+    """on_failure registered after the group's first failure is enqueued at once; an ended
+    stage takes no callback."""
+    async with astages.within_a_grouping(redis, "late") as group:
+        s1 = await group.stage(1)
+        jobs = await s1.enqueue_many([(work, ("a",)), (work, ("b",))])
+        await (await group.stage(2)).enqueue(work, "c")
+    assert await finish(jobs[0], "f", "boom") == "open"
+    await group.on_failure(done, "failure")
+    queued = [m for m in await redis.zrange(default_queue_name, 0, -1) if b":cb:failure:" in m]
+    assert len(queued) == 1
+    assert await finish(jobs[1], "s") == "running"
+    with pytest.raises(astages.StageComplete):
+        await s1.on_complete(done, "too late")

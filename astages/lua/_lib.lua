@@ -180,23 +180,31 @@ local function summary(outcome, now, stage_n)
   return cjson.encode(out)
 end
 
+-- Keep the summary callbacks of event ev receive beside the group: a day, or keep_for.
+local function keep_summary(ev, text)
+  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+  if keep < SUMMARY_TTL then keep = SUMMARY_TTL end
+  redis.call('SET', G .. ':summary:' .. ev, text, 'EX', keep)
+end
+
 -- Enqueue every callback registered for event ev, once (the caller's transition is
--- itself exactly-once); the summary they receive is kept beside the group.
-local function fire(ev, outcome, now, stage_n)
+-- itself exactly-once). text: the summary when the caller has it, else made here.
+-- Returns the summary text, or nil when no callback was registered.
+local function fire(ev, outcome, now, stage_n, text)
   local cbs = redis.call('HGETALL', G .. ':callbacks')
-  local text = nil
+  local kept = false
   for i = 1, #cbs, 2 do
     local field = cbs[i]
     if string.sub(field, 1, #ev + 1) == ev .. ':' then
-      if text == nil then
-        text = summary(outcome, now, stage_n)
-        local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
-        if keep < SUMMARY_TTL then keep = SUMMARY_TTL end
-        redis.call('SET', G .. ':summary:' .. ev, text, 'EX', keep)
+      if not kept then
+        text = text or summary(outcome, now, stage_n)
+        keep_summary(ev, text)
+        kept = true
       end
       write_arq_job(cbs[i + 1], IDBASE .. 'cb:' .. field, now)
     end
   end
+  return text
 end
 
 local function complete_stage(n, now)
@@ -249,9 +257,9 @@ local function finish_group(now, outcome)
     local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled')
     failed = failed + (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
   end
-  fire('complete', outcome, now)
-  if outcome == 'complete' and failed == 0 then fire('success', outcome, now) end
   local text = summary(outcome, now)
+  fire('complete', outcome, now, nil, text)
+  if outcome == 'complete' and failed == 0 then fire('success', outcome, now, nil, text) end
   redis.call('PUBLISH', IDBASE .. 'finished', text)
   local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
   if keep > 0 then

@@ -15,10 +15,7 @@ local field = ev .. ':' .. redis.call('HINCRBY', G, 'cbseq', 1)
 redis.call('HSET', G .. ':callbacks', field, ARGV[6])
 if ev == 'failure' and redis.call('HEXISTS', G, 'failed_once') == 1 then
   local now = now_ms()
-  local text = summary('running', now)
-  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
-  if keep < SUMMARY_TTL then keep = SUMMARY_TTL end
-  redis.call('SET', G .. ':summary:failure', text, 'EX', keep)
+  keep_summary('failure', summary('running', now))
   write_arq_job(ARGV[6], IDBASE .. 'cb:' .. field, now)
 end
 return field

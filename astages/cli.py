@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from astages import __version__
 from astages._board import Board, StageRow, finished, snapshot
-from astages._inprocess import connect
+from astages._inprocess import ENDED, connect
 from astages._keys import DEFAULT_PREFIX
 from astages.exceptions import AstagesError, GroupNotFound, StageNotFound
 from astages.group import StagedGroup
@@ -392,6 +392,12 @@ def watch(redis_url: str, prefix: str, group_id: str, interval: float, timeout: 
                 return f"group {group.id} finished (or was deleted)"
             rows = frame
             board.draw(rows)
+            try:
+                status = _value(await group.status())
+            except GroupNotFound:
+                status = "finished"
+            if status in ENDED:  # an ended group kept with keep_for
+                return f"group {group.id} ended: {status}"
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandError(f"group {group.id} did not finish within {timeout:g}s")
             await asyncio.sleep(interval)

@@ -157,3 +157,19 @@ def test_cleanup_reports_repairs(db_url: str) -> None:
     assert data["errors"] == []
     assert invoke("cleanup", "--redis-url", db_url).output == "nothing to repair\n"
     assert invoke("show", group_id, "--redis-url", db_url).exit_code == 0
+
+
+def test_watch_returns_once_a_kept_group_ended(db_url: str) -> None:
+    """watch stops at a group that ended but is kept (keep_for), saying how it ended."""
+
+    async def action(redis: ArqRedis) -> str:
+        async with astages.within_a_grouping(redis, "kept", keep_for=60) as group:
+            await (await group.stage(1)).enqueue(noop, 1)
+        await run_group(redis, group, [noop])
+        return group.id
+
+    group_id = on_redis(db_url, action)
+    result = invoke("watch", group_id, "--redis-url", db_url, "--interval", "0.05")
+    assert result.exit_code == 0, result.output
+    assert "1/1" in result.output
+    assert result.output.endswith(f"group {group_id} ended: complete\n")

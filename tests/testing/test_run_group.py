@@ -135,3 +135,20 @@ async def test_a_run_that_takes_too_long_times_out(redis: ArqRedis) -> None:
         await run_group(redis, group, [sleepy], timeout=0.5)
     assert time.monotonic() - started < 10
     await group.delete()
+
+
+async def test_a_kept_group_and_its_callback(redis: ArqRedis) -> None:
+    """A group kept with keep_for ends without vanishing; its on_complete callback runs too."""
+    called: list[str] = []
+
+    async def done(ctx: dict[str, Any], summary: Any, label: str) -> None:
+        called.append(f"{label}: {type(summary).__name__}")
+
+    async with astages.within_a_grouping(redis, "kept", keep_for=60) as group:
+        await (await group.stage(1)).enqueue_many([(step, (i,)) for i in (0, 1, 6)])
+        await group.on_complete(done, "all done")
+    run = await run_group(redis, group, [step, done])
+    assert await group.exists() and (await group.status()).value == "complete"
+    assert run.counts() == {"successful": 2, "failed": 1}
+    assert run.find("step", 1).message == "step 1 try 3"
+    assert called == ["all done: GroupSummary"]

@@ -60,7 +60,7 @@ class GroupRow:
     @property
     def current_stage(self) -> int | None:
         for stage in self.stages:
-            if stage.status is not StageStatus.COMPLETE:
+            if stage.status.value not in ("complete", "cancelled"):
                 return stage.number
         return None
 

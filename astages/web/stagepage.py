@@ -29,6 +29,7 @@ JOB_PAGE_SIZE = 50
 WINDOW = 1_000
 SCAN_CHUNK = 1_000
 SCAN_BUDGET = 20_000
+FEW = 5_000  # a status held by at most this many jobs is read from its own hash
 JOB_SORTS = ("queued", "function", "status", "message")
 STATUS_ORDER = {status.value: i for i, status in enumerate(JobStatus)}
 LETTER = {status: letter for letter, status in CODES.items()}
@@ -258,6 +259,123 @@ async def _scan(
     return found, last, reached_end
 
 
+async def _few(store: Store, stage: StagedGroupStage, letter: str, matches: int) -> list[int] | None:
+    """The seqs of every job with status ``letter``, ascending, when a small hash holds
+    them all: ``:open`` for a status not final, ``:err`` for failed ones. None when that
+    hash is bigger than FEW (then the job list is walked instead)."""
+    keys = store.keys
+    source = "err" if letter == "f" else "open" if letter in "pqre" else None
+    if source is None:
+        return None
+    key = keys.stage_part(stage.group.id, stage.number, source)
+    size = int(await store.redis.hlen(key))
+    if size > FEW or (source == "err" and size != matches):
+        return None
+    if source == "open":
+        codes = await store.redis.hgetall(key)
+        return sorted(int(seq) for seq, code in codes.items() if text(code)[:1] == letter)
+    seqs = await store.redis.hkeys(key)
+    done = await store.redis.hmget(keys.stage_part(stage.group.id, stage.number, "done"), seqs)
+    return sorted(int(seq) for seq, code in zip(seqs, done, strict=True) if code and text(code)[:1] == letter)
+
+
+async def _few_page(
+    store: Store, stage: StagedGroupStage, query: StageQuery, seqs: list[int], num_jobs: int, page_size: int
+) -> dict[str, Any]:
+    """One page of the matching ``seqs`` (exact; the job list is in ascending seq order)."""
+    redis = store.redis
+    list_key = store.keys.stage_part(stage.group.id, stage.number, "jobs")
+    ordered = seqs if query.order == "asc" else seqs[::-1]
+    cursor = query.after if query.after is not None else query.before
+    if cursor is None:
+        low, high = 0, min(page_size, len(ordered))
+    else:
+        if 0 <= cursor < num_jobs:
+            raw = await redis.lindex(list_key, cursor)
+            pivot = float(int(raw)) if raw is not None else math.inf
+        else:
+            pivot = math.inf if cursor >= num_jobs else -math.inf
+        # Position of the pivot in display order: how many matches come before it.
+        before_pivot = sum(1 for seq in ordered if (seq < pivot if query.order == "asc" else seq > pivot))
+        at_pivot = before_pivot + (1 if pivot in seqs else 0)
+        if query.after is not None:
+            low, high = at_pivot, min(at_pivot + page_size, len(ordered))
+        else:
+            low, high = max(0, before_pivot - page_size), before_pivot
+    chosen = ordered[low:high]
+    async with redis.pipeline(transaction=False) as pipe:
+        for seq in chosen:
+            pipe.lpos(list_key, str(seq))
+        positions = await pipe.execute() if chosen else []
+    picks = [(int(at), str(seq).encode()) for seq, at in zip(chosen, positions, strict=True) if at is not None]
+    rows = await _rows(stage, await _jobs_at(store, stage, picks))
+    step = 1 if query.order == "asc" else -1
+    first = picks[0][0] if picks else (cursor if cursor is not None else 0)
+    last = picks[-1][0] if picks else (cursor - step if cursor is not None else 0)
+    return {
+        "rows": tuple(rows),
+        "has_prev": low > 0,
+        "has_next": high < len(ordered),
+        "prev_before": first,
+        "next_after": last,
+    }
+
+
+async def _filtered(
+    store: Store,
+    stage: StagedGroupStage,
+    query: StageQuery,
+    progress: StageProgress,
+    num_jobs: int,
+    page_size: int,
+) -> dict[str, Any]:
+    """One page of the jobs with status ``query.status``, in enqueue order (either way)."""
+    assert query.status is not None
+    wanted = JobStatus(query.status)
+    matches = int(getattr(progress, wanted.value, 0))
+    if matches == 0:
+        return {"rows": (), "matches": 0}
+    seqs = await _few(store, stage, LETTER[wanted], matches)
+    if seqs is not None:
+        return await _few_page(store, stage, query, seqs, num_jobs, page_size) | {"matches": matches}
+    step = 1 if query.order == "asc" else -1
+    if query.after is not None:
+        start, direction, flip = query.after + step, step, False
+    elif query.before is not None:
+        start, direction, flip = query.before - step, -step, True
+    else:
+        start, direction, flip = (0 if step > 0 else num_jobs - 1), step, False
+    picks, last, reached_end = await _scan(store, stage, LETTER[wanted], start, direction, page_size, num_jobs)
+    if flip:
+        picks.reverse()
+    rows = await _rows(stage, await _jobs_at(store, stage, picks))
+    notes: list[str] = []
+    scanned = (min(start, last), max(start, last)) if picks or not reached_end else None
+    if len(picks) < page_size and not reached_end and scanned is not None:
+        notes.append(
+            f"Looked at jobs #{scanned[0] + 1:,} to #{scanned[1] + 1:,} of {num_jobs:,} without filling the page "
+            f"(at most {SCAN_BUDGET:,} per request); Next and Prev go on from there."
+        )
+    display_start = 0 if step > 0 else num_jobs - 1
+    if flip:
+        assert query.before is not None
+        prev_before, has_prev = last, not reached_end
+        next_after, has_next = start, 0 <= query.before < num_jobs
+    else:
+        next_after, has_next = last, not reached_end
+        prev_before, has_prev = start, start != display_start
+    return {
+        "rows": tuple(rows),
+        "matches": matches,
+        "scanned": scanned,
+        "has_next": has_next,
+        "has_prev": has_prev,
+        "next_after": next_after,
+        "prev_before": prev_before,
+        "notes": tuple(notes),
+    }
+
+
 async def stage_page(
     store: Store, group_id: str, number: int, query: StageQuery, page_size: int = JOB_PAGE_SIZE
 ) -> StagePage:
@@ -294,49 +412,7 @@ async def stage_page(
         return make(rows=tuple(rows), matches=num_jobs, page=page, pages=pages)
 
     if mode == "scan":
-        assert query.status is not None
-        wanted = JobStatus(query.status)
-        matches = int(getattr(progress, wanted.value))
-        step = 1 if query.order == "asc" else -1
-        if query.after is not None:
-            start, direction, flip = query.after + step, step, False
-        elif query.before is not None:
-            start, direction, flip = query.before - step, -step, True
-        else:
-            start, direction, flip = (0 if step > 0 else num_jobs - 1), step, False
-        if matches == 0:
-            picks: list[tuple[int, bytes]] = []
-            last, reached_end = start, True
-        else:
-            picks, last, reached_end = await _scan(store, stage, LETTER[wanted], start, direction, page_size, num_jobs)
-        if flip:
-            picks.reverse()
-        rows = await _rows(stage, await _jobs_at(store, stage, picks))
-        notes: list[str] = []
-        scanned = (min(start, last), max(start, last)) if picks or not reached_end else None
-        if len(picks) < page_size and not reached_end and scanned is not None:
-            notes.append(
-                f"Looked at jobs #{scanned[0] + 1:,} to #{scanned[1] + 1:,} of {num_jobs:,} without filling the page "
-                f"(at most {SCAN_BUDGET:,} per request); Next and Prev go on from there."
-            )
-        display_start = 0 if step > 0 else num_jobs - 1
-        if flip:
-            assert query.before is not None
-            prev_before, has_prev = last, not reached_end
-            next_after, has_next = start, 0 <= query.before < num_jobs
-        else:
-            next_after, has_next = last, not reached_end
-            prev_before, has_prev = start, start != display_start
-        return make(
-            rows=tuple(rows),
-            matches=matches,
-            scanned=scanned,
-            has_next=has_next and matches > 0,
-            has_prev=has_prev and matches > 0,
-            next_after=next_after,
-            prev_before=prev_before,
-            notes=tuple(notes),
-        )
+        return make(**await _filtered(store, stage, query, progress, num_jobs, page_size))
 
     # window: sort one window of WINDOW consecutive jobs in enqueue order.
     windows = max(1, math.ceil(num_jobs / WINDOW))

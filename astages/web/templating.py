@@ -71,7 +71,7 @@ def pyrepr(value: Any, limit: int = 2_000) -> str:
 
 
 # Bar segments, left to right: what is done first, then what is still to do.
-SEGMENTS = ("successful", "failed", "running", "pending_re_run", "queued", "pending")
+SEGMENTS = ("successful", "failed", "cancelled", "running", "pending_re_run", "queued", "pending")
 
 
 def segments(progress: StageProgress, width: int = 1000) -> list[tuple[str, int, int]]:
@@ -80,11 +80,12 @@ def segments(progress: StageProgress, width: int = 1000) -> list[tuple[str, int,
     if total == 0:
         return []
     out = []
-    x = 0
+    x = done = 0
     for name in SEGMENTS:
-        count = int(getattr(progress, name))
+        count = int(getattr(progress, name, 0))
         if count:
-            end = round(width * (sum(int(getattr(progress, n)) for n in SEGMENTS[: SEGMENTS.index(name) + 1])) / total)
+            done += count
+            end = round(width * done / total)
             out.append((name, x, end - x))
             x = end
     return out

@@ -20,7 +20,7 @@
   var every = parseInt(body.getAttribute("data-poll-ms"), 10) || 2000;
   var flag = document.querySelector(".live-flag");
   if (flag) flag.hidden = false;
-  var ORDER = ["successful", "failed", "running", "pending_re_run", "queued", "pending"];
+  var ORDER = ["successful", "failed", "cancelled", "running", "pending_re_run", "queued", "pending"];
 
   function index(data) {
     var by = function (list, key) {

@@ -1,0 +1,199 @@
+"""A real headless Chromium on a real uvicorn server, with a real Redis and real arq workers:
+click through groups -> group -> stage -> job, press Initiate on a pending stage and watch
+it run, confirm a deletion; save a screenshot of each page to docs/img/."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from arq import func
+from arq.connections import ArqRedis, create_pool
+from arq.worker import Worker
+from playwright.async_api import Page, async_playwright, expect
+
+import astages
+from astages.web import create_app
+
+CHROMIUM = os.environ.get("ASTAGES_TEST_CHROMIUM", "/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
+SLOW_QUEUE = "arq:thumbnails"
+IDLE_QUEUE = "arq:reports"  # no worker serves it: a job there stays queued
+RELEASE: dict[str, asyncio.Event] = {}
+
+
+async def resize(ctx: dict[str, Any], index: int, size: str) -> str:
+    job = await astages.StagedJob.perform_job(ctx, index, size)
+    await job.set_status_message(f"resized photo {index} to {size}")
+    return f"photo-{index}-{size}.jpg"
+
+
+async def thumbnail(ctx: dict[str, Any], index: int) -> int:
+    job = await astages.StagedJob.perform_job(ctx, index)
+    if index == 2:
+        raise ValueError(f"photo {index} is not an image")
+    if index >= 4:
+        await job.set_status_message(f"rendering thumbnail {index}…")
+        await RELEASE["thumbnails"].wait()
+    await job.set_status_message(f"thumbnail {index} done")
+    return index
+
+
+async def summarise(ctx: dict[str, Any], count: int) -> int:
+    return count
+
+
+FUNCTIONS = [resize, func(thumbnail, max_tries=1), summarise]
+
+
+@contextlib.asynccontextmanager
+async def worker(redis_server: Any, queue: str, max_jobs: int) -> AsyncIterator[Worker]:
+    """An arq worker with astages' settings, in this process, on its own connection pool."""
+    pool = await create_pool(redis_server.settings)
+    settings = astages.worker_settings(functions=FUNCTIONS, sweep_interval=None, poll_delay=0.05)
+    running = Worker(
+        **settings, redis_pool=pool, queue_name=queue, max_jobs=max_jobs, burst=False, handle_signals=False
+    )
+    task = asyncio.create_task(running.main())
+    try:
+        yield running
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await running.close()
+
+
+@contextlib.asynccontextmanager
+async def server(redis: ArqRedis) -> AsyncIterator[str]:
+    """The dashboard on uvicorn at 127.0.0.1 on a free port; yields its base URL."""
+    app = create_app(redis, poll_ms=250)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    instance = uvicorn.Server(config)
+    task = asyncio.create_task(instance.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not instance.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        port = instance.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        await task
+
+
+async def make_groups(redis: ArqRedis) -> tuple[astages.StagedGroup, astages.StagedGroup]:
+    """A pending import (stage 1 to run from the browser) and a running thumbnail group."""
+    thumbs = await astages.StagedGroup.create(redis, "Thumbnails for November")
+    t1 = await thumbs.stage(1)
+    for i in range(8):
+        await t1.enqueue_to(SLOW_QUEUE, thumbnail, i)
+    await (await thumbs.stage(2)).enqueue_to(IDLE_QUEUE, summarise, 8)
+    await thumbs.initiate()
+    photos = await astages.StagedGroup.create(redis, "Nightly photo import")
+    p1 = await photos.stage(1)
+    await p1.enqueue_many([(resize, (i, size)) for i in range(6) for size in ("large",)])
+    await (await photos.stage(2)).enqueue_to(IDLE_QUEUE, summarise, 6)
+    return photos, thumbs
+
+
+async def shoot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / name), full_page=True)
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's chromium; missing, the test fails (never skips)."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    return CHROMIUM
+
+
+async def test_click_through_and_initiate_in_chromium(real_redis: ArqRedis, redis_server: Any, chromium: str) -> None:
+    """Groups -> group -> stage -> job in Chromium; Initiate runs a pending stage live; Delete confirms."""
+    RELEASE["thumbnails"] = asyncio.Event()
+    photos, thumbs = await make_groups(real_redis)
+    async with (
+        server(real_redis) as base,
+        worker(redis_server, "arq:queue", 4),
+        worker(redis_server, SLOW_QUEUE, 2),
+        async_playwright() as driver,
+    ):
+        browser = await driver.chromium.launch(
+            executable_path=chromium,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 760})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+            # Groups list: the running group's figures come in live.
+            await page.goto(base + "/")
+            await expect(page.get_by_role("link", name="Nightly photo import")).to_be_visible()
+            row = page.locator("tr", has=page.get_by_role("link", name="Thumbnails for November"))
+            await expect(row.locator("[data-live$='.progress.finished']")).to_have_text("4", timeout=15_000)
+            await shoot(page, "groups.png")
+
+            # Group page of the running group, then the pending one.
+            await page.get_by_role("link", name="Thumbnails for November").click()
+            await expect(page.locator("h1")).to_have_text("Thumbnails for November")
+            await expect(page.locator("[data-live='by_number.1.progress.running']")).to_have_text("2")
+            await shoot(page, "group.png")
+            await page.get_by_role("link", name="Groups", exact=True).click()
+            await page.get_by_role("link", name="Nightly photo import").click()
+            await expect(page.locator("h1")).to_have_text("Nightly photo import")
+
+            # Stage 1 is pending; a job of it offers Queue Job.
+            await page.get_by_role("link", name="Stage 1", exact=True).click()
+            await expect(page.locator("h1")).to_have_text("Stage 1")
+            await expect(page.locator("td[data-live='status']")).to_have_text("pending")
+            await page.get_by_role("link", name="resize", exact=True).first.click()
+            await expect(page.get_by_role("button", name="Queue Job")).to_be_visible()
+            await page.get_by_role("link", name="Stage 1", exact=True).click()
+
+            # Initiate: the stage runs and the page follows it to the end without a click.
+            await page.get_by_role("button", name="Initiate").click()
+            await expect(page.locator(".flash")).to_contain_text("Initiated stage 1")
+            await expect(page.locator("td[data-live='status']")).to_have_text("complete", timeout=20_000)
+            await expect(page.locator(".badge", has_text="successful")).to_have_count(6)
+            await expect(page.get_by_text("resized photo 5 to large")).to_be_visible()
+            assert await (await photos.stage(1)).status() is astages.StageStatus.COMPLETE
+            await shoot(page, "stage.png")
+
+            # A finished job shows arq's record: its try and result.
+            await page.get_by_role("link", name="resize", exact=True).first.click()
+            await expect(page.locator("h1")).to_have_text("resize")
+            await expect(page.get_by_text("'photo-0-large.jpg'")).to_be_visible()
+            await shoot(page, "job.png")
+
+            # The running group's stage page shows a failed job's error on its job page.
+            await page.goto(f"{base}/groups/{thumbs.id}/stages/1?status=failed")
+            await page.get_by_role("link", name="thumbnail", exact=True).first.click()
+            await expect(page.locator("pre.error").first).to_contain_text("ValueError: photo 2 is not an image")
+
+            # Delete asks first: dismissed, nothing happens; accepted, the job goes.
+            await page.goto(f"{base}/groups/{photos.id}/stages/2")
+            await page.get_by_role("link", name="summarise", exact=True).click()
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+            await page.get_by_role("button", name="Delete Job").click()
+            await expect(page.locator("h1")).to_have_text("summarise")
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await page.get_by_role("button", name="Delete Job").click()
+            # It was the group's last open job: the group finished, so the list is shown.
+            await expect(page.locator(".flash")).to_contain_text("Deleted job summarise")
+            await expect(page.locator(".flash")).to_contain_text("the group finished")
+            await expect(page.locator("h1")).to_have_text("Staged groups")
+            assert not await photos.exists()
+            assert errors == []
+        finally:
+            RELEASE["thumbnails"].set()
+            await browser.close()

@@ -1,17 +1,32 @@
-"""Sync helpers for the command-line tests (click's runner calls asyncio.run itself)."""
+"""Sync helpers and a fixture for the command-line tests (click's runner calls asyncio.run
+itself, so these tests are sync). Not a conftest.py: other tests import the top-level
+conftest as ``conftest``, and a second one would shadow it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import pytest
+import redis as sync_redis
 from arq.connections import ArqRedis
 
 import astages
 from astages._inprocess import connect
 
 T = TypeVar("T")
+
+
+@pytest.fixture(name="db_url")
+def db_url_fixture(redis_server: Any) -> Iterator[str]:
+    """The URL of the real test database, flushed (the commands connect on their own)."""
+    client = sync_redis.Redis(host=redis_server.host, port=redis_server.port, db=redis_server.db)
+    client.flushdb()
+    try:
+        yield str(redis_server.url)
+    finally:
+        client.close()
 
 
 def on_redis(url: str, action: Callable[[ArqRedis], Awaitable[T]]) -> T:

@@ -7,7 +7,13 @@ import json
 from typing import Any
 
 from arq.connections import ArqRedis
-from cli_helpers import crash, make_group, noop, on_redis
+from cli_helpers import (
+    crash,
+    db_url_fixture,  # noqa: F401 - the db_url fixture
+    make_group,
+    noop,
+    on_redis,
+)
 from click.testing import CliRunner
 
 import astages

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 
+from cli_helpers import db_url_fixture  # noqa: F401 - the db_url fixture
 from click.testing import CliRunner
 
 from astages._board import Board, StageRow, bar, finished

@@ -9,7 +9,12 @@ import sys
 import time
 
 from arq.connections import ArqRedis
-from cli_helpers import make_group, noop, on_redis
+from cli_helpers import (
+    db_url_fixture,  # noqa: F401 - the db_url fixture
+    make_group,
+    noop,
+    on_redis,
+)
 
 from astages.testing import run_group
 

@@ -149,6 +149,7 @@ def render(
         flash=flash,
         live_url=live_url,
         poll_ms=dashboard.poll_ms,
+        key_prefix=dashboard.store.keys.prefix,
         static=lambda file: url(request, "static", path=file),
         **context,
     )

@@ -170,6 +170,7 @@ async def test_mounted_under_a_prefix(fake_redis: ArqRedis) -> None:
         assert f'href="/ops/stages/groups/{sample.running.id}"' in page.text
         assert 'href="/ops/stages/static/astages.css"' in page.text
         assert 'action="/ops/stages/actions/purge"' in page.text
+        assert 'name="next" value="/ops/stages/"' in page.text
         assert page.headers["set-cookie"].count("Path=/ops/stages") == 1
         stage = await client.get(f"/ops/stages/groups/{sample.running.id}/stages/1")
         assert f'data-live-url="/ops/stages/api/groups/{sample.running.id}/stages/1"' in stage.text

@@ -1,6 +1,6 @@
 """A real headless Chromium on a real uvicorn server, with a real Redis and real arq workers:
 click through groups -> group -> stage -> job, press Initiate on a pending stage and watch
-it run, confirm a deletion; save a screenshot of each page to docs/img/."""
+it run, confirm a deletion; screenshot each page (the README's are in docs/img/)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import astages
 from astages.web import create_app
 
 CHROMIUM = os.environ.get("ASTAGES_TEST_CHROMIUM", "/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
+# Screenshots go to a temporary folder; ASTAGES_WEB_SCREENSHOTS=docs/img refreshes the README's.
+SHOTS_ENV = "ASTAGES_WEB_SCREENSHOTS"
 SLOW_QUEUE = "arq:thumbnails"
 IDLE_QUEUE = "arq:reports"  # no worker serves it: a job there stays queued
 RELEASE: dict[str, asyncio.Event] = {}
@@ -104,9 +105,17 @@ async def make_groups(redis: ArqRedis) -> tuple[astages.StagedGroup, astages.Sta
     return photos, thumbs
 
 
-async def shoot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / name), full_page=True)
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where the screenshots go."""
+    folder = Path(os.environ.get(SHOTS_ENV) or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+async def shoot(page: Page, folder: Path, name: str) -> None:
+    await page.screenshot(path=str(folder / name), full_page=True)
+    assert (folder / name).stat().st_size > 10_000
 
 
 @pytest.fixture
@@ -116,7 +125,9 @@ def chromium() -> str:
     return CHROMIUM
 
 
-async def test_click_through_and_initiate_in_chromium(real_redis: ArqRedis, redis_server: Any, chromium: str) -> None:
+async def test_click_through_and_initiate_in_chromium(
+    real_redis: ArqRedis, redis_server: Any, chromium: str, shots: Path
+) -> None:
     """Groups -> group -> stage -> job in Chromium; Initiate runs a pending stage live; Delete confirms."""
     RELEASE["thumbnails"] = asyncio.Event()
     photos, thumbs = await make_groups(real_redis)
@@ -141,13 +152,13 @@ async def test_click_through_and_initiate_in_chromium(real_redis: ArqRedis, redi
             await expect(page.get_by_role("link", name="Nightly photo import")).to_be_visible()
             row = page.locator("tr", has=page.get_by_role("link", name="Thumbnails for November"))
             await expect(row.locator("[data-live$='.progress.finished']")).to_have_text("4", timeout=15_000)
-            await shoot(page, "groups.png")
+            await shoot(page, shots, "groups.png")
 
             # Group page of the running group, then the pending one.
             await page.get_by_role("link", name="Thumbnails for November").click()
             await expect(page.locator("h1")).to_have_text("Thumbnails for November")
             await expect(page.locator("[data-live='by_number.1.progress.running']")).to_have_text("2")
-            await shoot(page, "group.png")
+            await shoot(page, shots, "group.png")
             await page.get_by_role("link", name="Groups", exact=True).click()
             await page.get_by_role("link", name="Nightly photo import").click()
             await expect(page.locator("h1")).to_have_text("Nightly photo import")
@@ -167,13 +178,13 @@ async def test_click_through_and_initiate_in_chromium(real_redis: ArqRedis, redi
             await expect(page.locator(".badge", has_text="successful")).to_have_count(6)
             await expect(page.get_by_text("resized photo 5 to large")).to_be_visible()
             assert await (await photos.stage(1)).status() is astages.StageStatus.COMPLETE
-            await shoot(page, "stage.png")
+            await shoot(page, shots, "stage.png")
 
             # A finished job shows arq's record: its try and result.
             await page.get_by_role("link", name="resize", exact=True).first.click()
             await expect(page.locator("h1")).to_have_text("resize")
             await expect(page.get_by_text("'photo-0-large.jpg'")).to_be_visible()
-            await shoot(page, "job.png")
+            await shoot(page, shots, "job.png")
 
             # The running group's stage page shows a failed job's error on its job page.
             await page.goto(f"{base}/groups/{thumbs.id}/stages/1?status=failed")

@@ -116,9 +116,22 @@ def _is_api(request: Request) -> bool:
     return request.url.path.startswith(root + "/api/")
 
 
+def _missing(exc: Exception) -> str:
+    if isinstance(exc, GroupNotFound):
+        return (
+            f"There is no group {exc.group_id!r}: it finished (a finished group deletes itself), "
+            "was deleted, or never was."
+        )
+    if isinstance(exc, StageNotFound):
+        return f"Group {exc.group_id!r} has no stage {exc.number}."
+    if isinstance(exc, JobNotFound):
+        return f"There is no job {exc.job_id!r}: it was deleted, or its group finished."
+    return str(exc)
+
+
 async def not_found(request: Request, exc: Exception) -> Response:
     """An unknown group, stage or job: a 404 page (nothing is created by looking)."""
-    message = str(exc)
+    message = _missing(exc)
     if _is_api(request):
         return JSONResponse({"error": "not_found", "detail": message}, status_code=404)
     return render(request, "error.html", {"status": 404, "heading": "Not found", "detail": message}, status_code=404)

@@ -65,6 +65,8 @@ async def test_unknown_ids_give_404_and_create_nothing(client: httpx.AsyncClient
         page = await client.get(path)
         assert page.status_code == 404, path
         assert "Not found" in page.text
+    assert "There is no group &#39;nope&#39;" in (await client.get("/groups/nope")).text
+    assert "has no stage 7." in (await client.get(f"/groups/{gid}/stages/7")).text
     for path in ["/api/groups/nope", f"/api/groups/{gid}/stages/7", f"/api/groups/{gid}/stages/1/jobs/999"]:
         reply = await client.get(path)
         assert reply.status_code == 404

@@ -14,7 +14,7 @@ import anyio
 
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Motion, Store, raise_code, text
-from astages.exceptions import AstagesError, GroupNotFound, InvalidStageNumber
+from astages.exceptions import AstagesError, GroupNotFound, InvalidStageNumber, StageNotFound
 from astages.models import (
     Event,
     FailurePolicy,
@@ -208,6 +208,16 @@ class StagedGroup:
         number = _check_number(number)
         reply = await self.store.run("ensure_stage", self.id, number)
         raise_code(reply, self.id, number)
+        return StagedGroupStage(self, number)
+
+    async def get_stage(self, number: int) -> StagedGroupStage:
+        """Stage ``number`` if it exists (StageNotFound otherwise); unlike ``stage()``
+        it never creates one."""
+        number = _check_number(number)
+        if await self.redis.zscore(self.store.keys.stages(self.id), number) is None:
+            if not await self.exists():
+                raise GroupNotFound(self.id)
+            raise StageNotFound(self.id, number)
         return StagedGroupStage(self, number)
 
     async def stages(self) -> dict[int, StagedGroupStage]:

@@ -17,6 +17,7 @@ __all__ = [
     "GroupSummary",
     "JobInfo",
     "JobStatus",
+    "StageInfo",
     "StageProgress",
     "StageStatus",
     "StageSummary",
@@ -174,6 +175,41 @@ class StageProgress:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__} | {"total": self.total}
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    """A stage at one moment: status, times and counts (one Redis read)."""
+
+    number: int
+    status: StageStatus
+    created: dt.datetime | None
+    started: dt.datetime | None
+    finished: dt.datetime | None
+    progress: StageProgress
+
+    @property
+    def duration(self) -> dt.timedelta | None:
+        """From start to end (or to now while it runs); None before it starts."""
+        if self.started is None:
+            return None
+        end = self.finished or dt.datetime.now(tz=dt.UTC)
+        return end - self.started
+
+    @classmethod
+    def of(cls, number: int, raw: dict[bytes, bytes]) -> StageInfo:
+        def when(name: str) -> dt.datetime | None:
+            value = raw.get(name.encode())
+            return None if value is None else ms_to_datetime(int(value))
+
+        return cls(
+            number=number,
+            status=StageStatus(raw[b"status"].decode()),
+            created=when("created"),
+            started=when("started"),
+            finished=when("finished"),
+            progress=StageProgress.of(raw),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from astages.job import StagedJob
 from astages.models import (
     FailurePolicy,
     Schedule,
+    StageInfo,
     StageProgress,
     StageStatus,
     decode_code,
@@ -147,6 +148,13 @@ class StagedGroupStage:
         if not raw:
             raise StageNotFound(self.group.id, self.number)
         return StageProgress.of(raw)
+
+    async def info(self) -> StageInfo:
+        """Status, created/started/finished times and counts per status, in one read."""
+        raw = await self._store.redis.hgetall(self._key())
+        if not raw:
+            raise StageNotFound(self.group.id, self.number)
+        return StageInfo.of(self.number, raw)
 
     async def jobs(self, offset: int = 0, limit: int | None = None) -> list[StagedJob]:
         """The stage's jobs in the order they were enqueued (a page of them when

@@ -47,6 +47,7 @@ logger = logging.getLogger("astages.worker")
 Hook = Callable[[dict[str, Any]], Awaitable[Any]]
 
 # ctx keys the wrapper leaves for after_job_end (one ctx dict per job run).
+# CTX_OUTCOME holds this try's outcome once known: ("s" | "f" | "e", error text).
 CTX_REF = "astages_ref"
 CTX_REPORTED = "astages_reported"
 CTX_OUTCOME = "astages_outcome"
@@ -184,6 +185,7 @@ async def _settle(ctx: dict[str, Any], runtime: _Runtime) -> None:
         outcome, error = pending
     else:
         outcome, error = await _arq_outcome(store, job_id, job_try, ctx.get(CTX_MAX_TRIES, runtime.max_tries), runtime)
+        ctx[CTX_OUTCOME] = (outcome, error)
     await store.move("finish_job", ref.group_id, ref.stage, ref.seq, job_try, outcome, error)
     ctx[CTX_REPORTED] = True
 

@@ -348,3 +348,26 @@ async def test_big_stage_is_sent_in_chunks(redis):
     progress = await stage.progress()
     assert (progress.pending, progress.queued) == (0, 2_500)
     assert await redis.zcard(default_queue_name) == 2_500
+
+
+async def test_stage_info_and_get_stage(redis):
+    """stage.info() gives status, times and counts; get_stage() never creates a stage."""
+    async with astages.within_a_grouping(redis, "info") as group:
+        s1 = await group.stage(1)
+        await s1.enqueue(work, 1)
+        await group.stage(2)
+    info = await s1.info()
+    assert info.status is StageStatus.RUNNING and info.progress.queued == 1
+    assert info.created is not None and info.started is not None and info.finished is None
+    assert info.duration is not None and info.duration >= dt.timedelta(0)
+    assert (await group.get_stage(1)) == s1
+    with pytest.raises(astages.StageNotFound):
+        await group.get_stage(3)
+    assert await group.num_stages() == 2
+    with pytest.raises(astages.InvalidStageNumber):
+        await group.get_stage("1")
+    await group.delete()
+    with pytest.raises(astages.GroupNotFound):
+        await group.get_stage(1)
+    with pytest.raises(astages.StageNotFound):
+        await s1.info()

@@ -99,9 +99,9 @@ local function parse_spec(spec)
   return kind, when, expires, queue, payload
 end
 
--- Write arq's own job record and queue entry for job seq of stage n (what
--- ArqRedis.enqueue_job does, minus its round trips). An "in" delay counts from now.
-local function write_arq_job(spec, job_id, now)
+-- Write arq's own job record for a job spec; returns the queue and score of its queue
+-- entry, for the caller to add. An "in" delay counts from now.
+local function write_arq_record(spec, job_id, now)
   local kind, when, expires, queue, payload = parse_spec(spec)
   local score = now
   if kind == 'a' then score = when elseif kind == 'i' then score = now + when end
@@ -109,6 +109,13 @@ local function write_arq_job(spec, job_id, now)
   if ttl <= 0 then ttl = score - now + EXPIRES_EXTRA end
   if ttl < 1 then ttl = 1 end
   redis.call('SET', ARQ_JOB .. job_id, payload, 'PX', ttl)
+  return queue, score
+end
+
+-- Write arq's own job record and queue entry for job seq of stage n (what
+-- ArqRedis.enqueue_job does, minus its round trips).
+local function write_arq_job(spec, job_id, now)
+  local queue, score = write_arq_record(spec, job_id, now)
   redis.call('ZADD', queue, score, job_id)
 end
 
@@ -137,8 +144,30 @@ local function send_chunk(n, now, budget)
   if cursor >= total then return 0, budget end
   local last = cursor + budget - 1
   local seqs = redis.call('LRANGE', sk .. ':jobs', cursor, last)
-  for _, seq in ipairs(seqs) do
-    if redis.call('HGET', sk .. ':open', seq) == 'p' then send(sk, n, seq, now) end
+  -- The same writes as send() per job, with the reads, queue entries, status and
+  -- counters done once per chunk (a third of the time per job).
+  local opens = #seqs > 0 and redis.call('HMGET', sk .. ':open', unpack(seqs)) or {}
+  local todo = {}
+  for i, seq in ipairs(seqs) do
+    if opens[i] == 'p' then todo[#todo + 1] = seq end
+  end
+  if #todo > 0 then
+    local specs = redis.call('HMGET', sk .. ':spec', unpack(todo))
+    local queued, entries = {}, {}
+    for i, seq in ipairs(todo) do
+      local job_id = IDBASE .. n .. ':' .. seq
+      local queue, score = write_arq_record(specs[i], job_id, now)
+      if not entries[queue] then entries[queue] = {} end
+      local e = entries[queue]
+      e[#e + 1] = score
+      e[#e + 1] = job_id
+      queued[#queued + 1] = seq
+      queued[#queued + 1] = 'q'
+    end
+    for queue, e in pairs(entries) do redis.call('ZADD', queue, unpack(e)) end
+    redis.call('HSET', sk .. ':open', unpack(queued))
+    redis.call('HINCRBY', sk, COUNTER.p, -#todo)
+    redis.call('HINCRBY', sk, COUNTER.q, #todo)
   end
   cursor = cursor + #seqs
   redis.call('HSET', sk, 'cursor', cursor)

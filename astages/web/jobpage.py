@@ -56,7 +56,8 @@ class JobDetail:
 
     @property
     def live(self) -> bool:
-        return not self.info.status.completed
+        """Handed to arq and not final: queued, running or waiting for a retry."""
+        return self.info.status.queued
 
     def as_json(self) -> dict[str, Any]:
         info = self.info

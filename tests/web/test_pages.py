@@ -103,6 +103,7 @@ async def test_stage_page_and_job_page(client: httpx.AsyncClient, redis: ArqRedi
     assert "work" in job_page.text and "&#39;photo&#39;" in job_page.text
     assert "arq's record" in job_page.text
     assert "Queue Job" not in job_page.text  # queued already
+    assert 'data-live-url="/api/groups/' in job_page.text
     data = (await client.get("/api" + links[0])).json()
     assert data["status"] == "queued"
     assert data["arq"]["status"] == "queued"
@@ -117,6 +118,7 @@ async def test_queue_job_button_only_when_pending(client: httpx.AsyncClient, red
     assert job.ref is not None
     page = await client.get(f"/groups/{sample.pending.id}/stages/1/jobs/{job.ref.seq}")
     assert "Queue Job" in page.text and "Delete Job" in page.text
+    assert "data-live-url" not in page.text  # nothing to follow until it is sent
     data = (await client.get(f"/api/groups/{sample.pending.id}/stages/1/jobs/{job.ref.seq}")).json()
     assert data["arq"]["status"] == "not_found"
     assert data["kwargs"] == {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from astages.exceptions import InvalidQueue
+from astages.exceptions import CorruptRecord, InvalidQueue
 
 __all__ = [
     "Event",
@@ -93,8 +93,10 @@ CODES = {
 def decode_code(code: bytes | str) -> tuple[JobStatus, int]:
     """A stored status code as (status, try number; 0 when not run yet)."""
     raw = code.decode() if isinstance(code, bytes) else code
-    status = CODES[raw[0]]
-    return status, int(raw[1:] or 0)
+    try:
+        return CODES[raw[0]], int(raw[1:] or 0)
+    except (KeyError, IndexError, ValueError):
+        raise CorruptRecord("a job's status", f"{raw!r} is not a job status code") from None
 
 
 def ms_to_datetime(ms: int) -> dt.datetime:

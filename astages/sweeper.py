@@ -30,8 +30,10 @@ chunked sending stopped (the process that started it died) is sent on, and a run
 stage with no open job completes (``nudge.lua``).
 
 Cost: a pass reads the index of *live* groups (finished groups delete themselves and
-leave it), one round trip per group, and per running stage its open jobs in batches
-of ``batch`` (one MULTI per batch). It never grows with the number of finished groups.
+leave it), two round trips per running group, and per running stage its open jobs in
+batches of ``batch``, one read-only script call per batch that returns only the jobs
+arq no longer holds (``probe_jobs.lua``). It never grows with the number of finished
+groups.
 Several sweepers at once are harmless (every settlement is an idempotent script; a
 stale or duplicate one changes nothing); the periodic loop also takes a lock so that
 the workers of one Redis sweep about once per interval between them.
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, result_key_prefix
 from arq.jobs import deserialize_result
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -72,10 +74,10 @@ DEFAULT_GRACE = 5.0
 DEFAULT_BATCH = 500
 # Groups read per page of the index.
 GROUP_PAGE = 500
+# Group statuses with nothing for the sweeper to do once read from the index.
+FINAL_GROUP = {b"complete": True, b"failed": True, b"cancelled": True}
 
 ERROR_LIMIT = 4_000
-# Codes of a job that arq holds (see lua/_lib.lua): queued, running, pending_re_run.
-WITH_ARQ = frozenset("qre")
 
 
 def lock_key(keys: Keys) -> str:
@@ -174,8 +176,14 @@ class Sweeper:
         while True:
             # ZSCAN: every group live for the whole pass is seen, whatever else finishes.
             cursor, page = await self.redis.zscan(self.keys.index, cursor, count=GROUP_PAGE)
-            for raw, _ in page:
-                group_id = text(raw)
+            ids = [text(raw) for raw, _ in page]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for group_id in ids:
+                    pipe.hget(self.keys.group(group_id), "status")
+                statuses = await pipe.execute(raise_on_error=False)
+            for group_id, status in zip(ids, statuses, strict=True):
+                if status is None or status == b"pending" or FINAL_GROUP.get(status, False):
+                    continue  # being built, ended (kept with keep_for), or gone: nothing sent
                 try:
                     await self._group(group_id, state)
                 except GroupNotFound:
@@ -239,44 +247,29 @@ class Sweeper:
                 await self._stage(group_id, number, state)
 
     async def _stage(self, group_id: str, number: int, state: _Pass) -> None:
-        open_key = self.keys.stage_part(group_id, number, "open")
-        cursor = 0
+        """Settle what can be settled of a running stage's open jobs, ``batch`` at a time
+        (each batch one atomic look, ``probe_jobs.lua``, that returns only the jobs arq
+        no longer holds)."""
+        cursor = "0"
         while True:
-            cursor, chunk = await self.redis.hscan(open_key, cursor, count=self.batch)
-            seqs = [text(seq) for seq, code in chunk.items() if text(code)[:1] in WITH_ARQ]
-            if seqs:
-                await self._jobs(group_id, number, seqs, state)
-            if cursor == 0:
+            reply = await self.store.run(
+                "probe_jobs", group_id, number, cursor, self.batch, in_progress_key_prefix, result_key_prefix
+            )
+            cursor, looked = text(reply[0]), int(reply[1])
+            state.jobs += looked
+            found = [text(x) for x in reply[2:]]
+            lost: list[tuple[str, str]] = []
+            for seq, code, what in zip(found[::3], found[1::3], found[2::3], strict=True):
+                job_id = self.keys.job_id(group_id, number, int(seq))
+                if what == "result":
+                    await self._settle_from_result(group_id, number, seq, job_id, code, state)
+                else:
+                    state.suspects[job_id] = code
+                    lost.append((seq, job_id))
+            if lost:
+                await self._settle_lost(group_id, number, lost, state)
+            if cursor == "0":
                 return
-
-    async def _jobs(self, group_id: str, number: int, seqs: list[str], state: _Pass) -> None:
-        """Settle what can be settled of these jobs of one stage, from one snapshot."""
-        keys = self.keys
-        job_ids = [keys.job_id(group_id, number, int(seq)) for seq in seqs]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys.stage_part(group_id, number, "open"), seqs)
-            for job_id in job_ids:
-                pipe.exists(result_key_prefix + job_id)
-                pipe.exists(in_progress_key_prefix + job_id)
-                pipe.exists(job_key_prefix + job_id)
-            replies = await pipe.execute()
-        codes = replies[0]
-        state.jobs += len(seqs)
-        with_result: list[tuple[str, str, str]] = []
-        for i, (seq, job_id) in enumerate(zip(seqs, job_ids, strict=True)):
-            code = codes[i]
-            if code is None or text(code)[:1] not in WITH_ARQ:
-                continue  # finished or deleted since the HSCAN
-            has_result, in_progress, has_job = replies[1 + 3 * i : 4 + 3 * i]
-            if has_result:
-                with_result.append((seq, job_id, text(code)))
-            elif not in_progress and not has_job:
-                state.suspects[job_id] = text(code)
-        for seq, job_id, code in with_result:
-            await self._settle_from_result(group_id, number, seq, job_id, code, state)
-        lost = [(seq, job_id) for seq, job_id in zip(seqs, job_ids, strict=True) if job_id in state.suspects]
-        if lost:
-            await self._settle_lost(group_id, number, lost, state)
 
     async def _settle_from_result(
         self, group_id: str, number: int, seq: str, job_id: str, code: str, state: _Pass

@@ -1,12 +1,14 @@
 """Progress bars per stage, drawn in place on a terminal (``astages watch``, ``astages demo``).
 
-A snapshot costs one round trip for the stage list and one O(1) ``stage.progress()`` per
-stage. On a terminal the bars are redrawn in place; anywhere else (a pipe, a log, a test)
-a line is printed when a stage starts or completes, so the output stays readable.
+A snapshot costs one round trip for the stage list and one ``stage.info()`` per stage
+(status, counts and start/end times in one O(1) read). On a terminal the bars are
+redrawn in place; anywhere else (a pipe, a log, a test) a line is printed when a stage
+starts or completes, so the output stays readable.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import sys
 from collections.abc import Mapping
@@ -17,10 +19,9 @@ import click
 
 from astages.exceptions import AstagesError
 from astages.group import StagedGroup
-from astages.models import StageProgress, StageStatus
-from astages.stage import StagedGroupStage
+from astages.models import GroupSummary, StageInfo, StageProgress, StageStatus
 
-__all__ = ["Board", "StageRow", "bar", "snapshot"]
+__all__ = ["Board", "StageRow", "bar", "ended_rows", "finished", "seconds", "snapshot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,25 +33,39 @@ class StageRow:
     status: str
     progress: StageProgress | None
     label: str = ""
+    duration: float | None = None  # seconds from the stage's start to its end (or to now)
 
     @property
     def done(self) -> bool:
         return self.status in ("complete", "cancelled")
 
+    @classmethod
+    def of(cls, info: StageInfo, label: str = "") -> StageRow:
+        return cls(info.number, info.status.value, info.progress, label, seconds(info.duration))
+
+
+def seconds(duration: dt.timedelta | None) -> float | None:
+    return None if duration is None else duration.total_seconds()
+
 
 async def snapshot(group: StagedGroup, labels: Mapping[int, str] | None = None) -> list[StageRow] | None:
-    """Every stage's status and counts, or None when the group no longer exists."""
+    """Every stage's status, counts and duration, or None when the group no longer exists."""
     labels = labels or {}
     try:
-        statuses = await group.stage_statuses()
-        rows = []
-        for number, status in statuses.items():
-            progress = await StagedGroupStage(group, number).progress()
-            rows.append(StageRow(number, status.value, progress, labels.get(number, "")))
+        stages = await group.stages()
+        return [StageRow.of(await stage.info(), labels.get(number, "")) for number, stage in stages.items()]
     except AstagesError:
-        return None  # a stage vanished while we read: the group finished or was deleted
-    if not rows and not await group.exists():
-        return None
+        return None  # the group (or a stage) vanished while we read: it finished or was deleted
+
+
+def ended_rows(summary: GroupSummary, labels: Mapping[int, str] | None = None) -> list[StageRow]:
+    """The rows as the group's end summary tells them (a group that is not kept is gone)."""
+    labels = labels or {}
+    rows = []
+    for s in summary.stages:
+        progress = StageProgress(successful=s.successful, failed=s.failed, cancelled=s.cancelled, retried=s.retried)
+        duration = seconds(s.finished - s.started) if s.started and s.finished else None
+        rows.append(StageRow(s.number, s.status, progress, labels.get(s.number, ""), duration))
     return rows
 
 
@@ -101,16 +116,18 @@ class Board:
             return (
                 f"{name}  [{self._style(bar(1, 1, width, fill=fill, empty=empty), fg='green')}]  done (group finished)"
             )
-        colour = "green" if row.done else ("yellow" if row.status == StageStatus.RUNNING.value else "bright_black")
+        colour = {StageStatus.COMPLETE.value: "green", StageStatus.CANCELLED.value: "magenta"}.get(
+            row.status, "yellow" if row.status == StageStatus.RUNNING.value else "bright_black"
+        )
         drawn = self._style(bar(p.finished, p.total, width, fill=fill, empty=empty), fg=colour)
         counts = f"{p.finished:>{len(str(p.total))}}/{p.total}"
         tail = f"{ok}{p.successful} {ko}{p.failed} {again}{p.retried}"
-        cancelled = int(getattr(p, "cancelled", 0))
-        if cancelled:
-            tail += f" cancelled {cancelled}"
+        if p.cancelled:
+            tail += f" cancelled {p.cancelled}"
         if p.failed:
             tail = tail.replace(f"{ko}{p.failed}", self._style(f"{ko}{p.failed}", fg="red"))
-        return f"{name}  [{drawn}]  {counts}  {tail}  {row.status}"
+        took = "" if row.duration is None else f" {row.duration:.2f}s"
+        return f"{name}  [{drawn}]  {counts}  {tail}  {row.status}{took}"
 
     def draw(self, rows: list[StageRow]) -> None:
         label_width = max((len(row.label) for row in rows), default=0)

@@ -19,12 +19,13 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from astages import __version__
-from astages._board import Board, StageRow, finished, snapshot
-from astages._inprocess import ENDED, connect
-from astages._keys import DEFAULT_PREFIX
+from astages._board import Board, StageRow, ended_rows, finished, seconds, snapshot
+from astages._ending import EndListener
+from astages._inprocess import connect
+from astages._keys import DEFAULT_PREFIX, Keys
 from astages.exceptions import AstagesError, GroupNotFound, StageNotFound
 from astages.group import StagedGroup
-from astages.models import JobStatus, StageProgress, StageStatus
+from astages.models import Event, GroupSummary, JobStatus, StageProgress
 from astages.stage import StagedGroupStage
 
 
@@ -172,13 +173,60 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _value(status: Any) -> str:
-    """A status enum's value (or a plain str status) as str."""
-    return str(getattr(status, "value", status))
-
-
 def _when(value: dt.datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def _summary_dict(summary: GroupSummary) -> dict[str, Any]:
+    """A group's end summary as JSON."""
+    return {
+        "group_id": summary.group_id,
+        "description": summary.description,
+        "outcome": summary.outcome,
+        "at": _iso(summary.at),
+        "successful": summary.successful,
+        "failed": summary.failed,
+        "cancelled": summary.cancelled,
+        "stages": [
+            {
+                "number": s.number,
+                "status": s.status,
+                "jobs": s.total,
+                "successful": s.successful,
+                "failed": s.failed,
+                "cancelled": s.cancelled,
+                "retried": s.retried,
+                "started": _iso(s.started),
+                "finished": _iso(s.finished),
+                "duration": seconds(s.finished - s.started) if s.started and s.finished else None,
+            }
+            for s in summary.stages
+        ],
+        "failed_jobs": list(summary.failed_jobs),
+    }
+
+
+def _outcome_line(summary: GroupSummary) -> str:
+    return (
+        f"{summary.outcome} at {_when(summary.at)}: {summary.successful} successful, "
+        f"{summary.failed} failed, {summary.cancelled} cancelled"
+    )
+
+
+def _failed_jobs_line(summary: GroupSummary, most: int = 5) -> str | None:
+    if not summary.failed_jobs:
+        return None
+    ids = ", ".join(summary.failed_jobs[:most])
+    more = len(summary.failed_jobs) - most
+    return f"failed jobs: {ids}" + (f" and {more} more" if more > 0 else "")
 
 
 # -- astages demo ------------------------------------------------------------------------
@@ -219,44 +267,49 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
         return
     data = result.as_dict()
     rows = [
-        (s["stage"], s["name"], s["jobs"], s["successful"], s["failed"], s["retried"], f"{s['duration']:.2f}s")
+        (
+            s["stage"],
+            s["name"],
+            s["jobs"],
+            s["successful"],
+            s["failed"],
+            s["cancelled"],
+            s["retried"],
+            _secs(s["duration"]),
+        )
         for s in data["stages"]
     ]
     click.echo()
-    click.echo(
-        _table(["STAGE", "NAME", "JOBS", "SUCCESSFUL", "FAILED", "RETRIED", "DURATION"], rows, (0, 2, 3, 4, 5, 6))
-    )
+    headers = ["STAGE", "NAME", "JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
+    click.echo(_table(headers, rows, (0, 2, 3, 4, 5, 6, 7)))
     click.echo()
     failures = "; ".join(f["error"] for f in data["failures"]) or "none"
+    cancelled = f", {data['cancelled']} cancelled" if data["cancelled"] else ""
     click.echo(
         f"{data['jobs']} jobs in {data['elapsed']:.1f}s: {data['successful']} successful, {data['failed']} failed "
-        f"({failures}), {data['retried']} retries."
+        f"({failures}){cancelled}, {data['retried']} retries."
     )
     report = result.run.stage(4)
     if report:
         click.echo(f"report: {report[0].message}")
-    click.echo(f"The group deleted itself when its last stage completed ({data['left_over_keys']} keys left).")
+    ended = f"ended {data['outcome']} and" if data["outcome"] else "finished and"
+    click.echo(f"The group {ended} deleted itself ({data['left_over_keys']} keys left).")
 
 
 # -- astages groups / show / watch --------------------------------------------------------
 
 
 async def _group_row(group: StagedGroup) -> dict[str, Any]:
+    status = await group.status()
     statuses = await group.stage_statuses()
-    totals = StageProgress()
-    current = None
-    for number, status in statuses.items():
-        if current is None and status is not StageStatus.COMPLETE:
-            current = number
-        p = await StagedGroupStage(group, number).progress()
-        totals = StageProgress(**{k: getattr(totals, k) + getattr(p, k) for k in p.as_dict() if k != "total"})
+    totals = sum((await group.progress()).values(), StageProgress())  # O(stages): counters only
     return {
         "id": group.id,
         "description": group.description,
-        "created_at": group.created_at.isoformat() if group.created_at else None,
-        "status": _value(await group.status()),
+        "created_at": _iso(group.created_at),
+        "status": status.value,
         "stages": len(statuses),
-        "current_stage": current,
+        "current_stage": next((n for n, s in statuses.items() if not s.ended), None),
         "jobs": totals.as_dict() | {"finished": totals.finished},
     }
 
@@ -292,17 +345,18 @@ def groups(redis_url: str, prefix: str, limit: int, offset: int, as_json: bool) 
             f"{r['current_stage'] or '-'}/{r['stages']}",
             f"{r['jobs']['finished']}/{r['jobs']['total']}",
             r["jobs"]["failed"],
+            r["jobs"]["cancelled"],
         )
         for r in rows
     ]
-    click.echo(_table(["ID", "DESCRIPTION", "CREATED", "STATUS", "STAGE", "JOBS", "FAILED"], table, (5, 6)))
+    headers = ["ID", "DESCRIPTION", "CREATED", "STATUS", "STAGE", "JOBS", "FAILED", "CANCELLED"]
+    click.echo(_table(headers, table, (5, 6, 7)))
     if offset or len(rows) < total:
         click.echo(f"groups {offset + 1}-{offset + len(rows)} of {total} (--offset, --limit)")
 
 
 async def _stage_detail(stage: StagedGroupStage, limit: int | None) -> dict[str, Any]:
-    status = await stage.status()
-    progress = await stage.progress()
+    info = await stage.info()
     jobs = await stage.jobs(0, limit) if limit != 0 else []
     rows = []
     for job, (state, tries, message) in zip(jobs, await stage.job_statuses(jobs), strict=True):
@@ -320,7 +374,15 @@ async def _stage_detail(stage: StagedGroupStage, limit: int | None) -> dict[str,
                 "error": error,
             }
         )
-    return {"number": stage.number, "status": status.value, "progress": progress.as_dict(), "jobs": rows}
+    return {
+        "number": stage.number,
+        "status": info.status.value,
+        "started": _iso(info.started),
+        "finished": _iso(info.finished),
+        "duration": seconds(info.duration),
+        "progress": info.progress.as_dict(),
+        "jobs": rows,
+    }
 
 
 @main.command()
@@ -330,31 +392,44 @@ async def _stage_detail(stage: StagedGroupStage, limit: int | None) -> dict[str,
 @click.option("--all", "show_all", is_flag=True, help="Show every job of every stage.")
 @json_option
 def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool, as_json: bool) -> None:
-    """Show a group: its stages, and their jobs with statuses and messages.
+    """Show a group: its stages (counts, duration), and their jobs with statuses and messages.
 
-    GROUP is a group id, or the start of one."""
+    A group that ended and is kept (keep_for) also shows its outcome. GROUP is a group
+    id, or the start of one."""
 
-    async def action(redis: ArqRedis) -> dict[str, Any]:
+    async def action(redis: ArqRedis) -> tuple[dict[str, Any], GroupSummary | None]:
         group = await _find_group(redis, group_id, prefix)
+        status = await group.status()
         stages = [await _stage_detail(stage, None if show_all else limit) for stage in (await group.stages()).values()]
-        return {
+        summary = await group.summary() if status.ended else None
+        data = {
             "id": group.id,
             "description": group.description,
-            "created_at": group.created_at.isoformat() if group.created_at else None,
-            "status": _value(await group.status()),
+            "created_at": _iso(group.created_at),
+            "status": status.value,
+            "summary": None if summary is None else _summary_dict(summary),
             "stages": stages,
         }
+        return data, summary
 
-    data = run_async(_with_redis(redis_url, action), redis_url)
+    data, summary = run_async(_with_redis(redis_url, action), redis_url)
     if as_json:
         _echo_json(data)
         return
     created = _when(dt.datetime.fromisoformat(data["created_at"]) if data["created_at"] else None)
     click.echo(f"group {data['id']}  {data['description']!r}  {data['status']}  created {created}")
+    if summary is not None:
+        click.echo(f"outcome: {_outcome_line(summary)}")
+        failed_jobs = _failed_jobs_line(summary)
+        if failed_jobs:
+            click.echo(failed_jobs)
     for stage in data["stages"]:
         p = stage["progress"]
         counts = ", ".join(f"{v} {k}" for k, v in p.items() if v and k != "total") or "no jobs"
-        click.echo(f"\nstage {stage['number']}  {stage['status']}  {p['total']} jobs: {counts}")
+        took = ""
+        if stage["duration"] is not None:
+            took = f"  in {stage['duration']:.2f}s" if stage["finished"] else f"  for {stage['duration']:.2f}s so far"
+        click.echo(f"\nstage {stage['number']}  {stage['status']}  {p['total']} jobs: {counts}{took}")
         if not stage["jobs"]:
             continue
         rows = []
@@ -375,9 +450,10 @@ def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool,
 @click.option("--interval", type=click.FloatRange(0.05), default=0.5, show_default=True, help="Seconds between frames.")
 @click.option("--timeout", type=click.FloatRange(0), default=None, help="Give up (exit 1) after this many seconds.")
 def watch(redis_url: str, prefix: str, group_id: str, interval: float, timeout: float | None) -> None:
-    """Show live progress bars per stage until the group finishes.
+    """Show live progress bars per stage until the group ends, then how it ended.
 
-    GROUP is a group id, or the start of one."""
+    The end is heard at once (group.wait(), pub/sub); the bars are redrawn every
+    --interval. GROUP is a group id, or the start of one."""
 
     async def action(redis: ArqRedis) -> str:
         group = await _find_group(redis, group_id, prefix)
@@ -385,24 +461,307 @@ def watch(redis_url: str, prefix: str, group_id: str, interval: float, timeout: 
         board = Board()
         rows: list[StageRow] = []
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            frame = await snapshot(group)
-            if frame is None:
-                board.draw(finished(rows))
-                return f"group {group.id} finished (or was deleted)"
-            rows = frame
-            board.draw(rows)
-            try:
-                status = _value(await group.status())
-            except GroupNotFound:
-                status = "finished"
-            if status in ENDED:  # an ended group kept with keep_for
-                return f"group {group.id} ended: {status}"
-            if deadline is not None and time.monotonic() > deadline:
-                raise CommandError(f"group {group.id} did not finish within {timeout:g}s")
-            await asyncio.sleep(interval)
+        ending = asyncio.ensure_future(group.wait())
+        try:
+            while not ending.done():
+                frame = await snapshot(group)
+                if frame is None:  # gone: its end (or deletion) is being announced
+                    await asyncio.wait([ending], timeout=GONE_GRACE)
+                    if not ending.done():
+                        break  # it expired (keep_for ran out) or ended unheard
+                    continue
+                rows = frame
+                board.draw(rows)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CommandError(f"group {group.id} did not finish within {timeout:g}s")
+                await asyncio.wait([ending], timeout=interval if left is None else min(interval, left))
+            summary = _ended(ending)
+        finally:
+            await _stop_task(ending)
+        if summary is None:
+            board.draw(finished(rows))
+            return f"group {group.id} finished (or was deleted)"
+        board.draw(ended_rows(summary))
+        return f"group {group.id} ended: {_outcome_line(summary)}"
 
     click.echo(run_async(_with_redis(redis_url, action), redis_url))
+
+
+# Seconds to wait for a group's end to be announced once its records are gone.
+GONE_GRACE = 2.0
+
+
+def _ended(waiter: asyncio.Future[GroupSummary]) -> GroupSummary | None:
+    """What a finished ``group.wait()`` task returned: the summary, or None when the
+    group is gone (deleted, or ended unkept before the wait began)."""
+    if not waiter.done():
+        return None
+    error = waiter.exception()
+    if isinstance(error, GroupNotFound):
+        return None
+    if error is not None:
+        raise error
+    return waiter.result()
+
+
+async def _stop_task(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` if it still runs and let it unwind (closing what it opened)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it
+
+
+# -- astages wait / events / cancel -----------------------------------------------------
+
+
+@main.command("wait")
+@redis_options
+@click.argument("group_id", metavar="GROUP")
+@click.option("--timeout", type=click.FloatRange(0), default=None, help="Give up (exit 2) after this many seconds.")
+@json_option
+def wait_command(redis_url: str, prefix: str, group_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait until a group ends (woken by pub/sub, no polling) and print its summary.
+
+    Exit status: 0 when it completed with no failed or cancelled job, 1 when it ended
+    failed or cancelled or any job failed or was cancelled (or on an error), 2 when
+    --timeout ran out. A group that already ended can be waited for only when it is kept
+    (keep_for). GROUP is a group id, or the start of one."""
+
+    async def action(redis: ArqRedis) -> tuple[str, GroupSummary | None]:
+        group = await _find_group(redis, group_id, prefix)
+        try:
+            return group.id, await group.wait(timeout)
+        except TimeoutError:
+            return group.id, None
+
+    found, summary = run_async(_with_redis(redis_url, action), redis_url)
+    if summary is None:
+        click.echo(f"Error: group {found} did not end within {timeout:g}s", err=True)
+        raise SystemExit(2)
+    if as_json:
+        _echo_json(_summary_dict(summary))
+    else:
+        click.echo(f"group {summary.group_id}  {summary.description!r}  ended {_outcome_line(summary)}")
+        rows = [
+            (
+                s["number"],
+                s["status"],
+                s["jobs"],
+                s["successful"],
+                s["failed"],
+                s["cancelled"],
+                s["retried"],
+                _secs(s["duration"]),
+            )
+            for s in _summary_dict(summary)["stages"]
+        ]
+        if rows:
+            headers = ["STAGE", "STATUS", "JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
+            click.echo(_table(headers, rows, (0, 2, 3, 4, 5, 6, 7)))
+        failed_jobs = _failed_jobs_line(summary)
+        if failed_jobs:
+            click.echo(failed_jobs)
+    clean = summary.outcome == "complete" and not summary.failed and not summary.cancelled
+    raise SystemExit(0 if clean else 1)
+
+
+def _event_dict(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "at": _iso(event.at),
+        "kind": event.kind,
+        "subject": event.subject,
+        "from": event.from_status,
+        "to": event.to_status,
+        "details": event.details,
+    }
+
+
+def _event_line(event: Event) -> str:
+    at = event.at.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    move = f"{event.from_status or ''} -> {event.to_status}".strip()
+    details = " ".join(f"{k}={_short(v, 80)}" for k, v in event.details.items())
+    return f"{at}  {event.kind:<5}  {event.subject:<8}  {move:<28}  {details}".rstrip()
+
+
+def _echo_event(event: Event, as_json: bool) -> None:
+    click.echo(json.dumps(_event_dict(event)) if as_json else _event_line(event))
+
+
+# Longest a blocking XREAD waits before it is issued again (milliseconds).
+XREAD_BLOCK_MS = 10_000
+
+
+async def _follow(group: StagedGroup, key: str, after: str, as_json: bool) -> str:
+    """Print the group's new events (blocking XREAD) until it ends; say how it ended."""
+    redis = group.redis
+    ending = asyncio.ensure_future(group.wait())
+    reader: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            reader = asyncio.ensure_future(redis.xread({key: after}, count=500, block=XREAD_BLOCK_MS))
+            await asyncio.wait([reader, ending], return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                break  # the group ended; its last events are read below
+            for _stream, entries in reader.result() or []:
+                for entry_id, fields in entries:
+                    event = Event.of(entry_id, fields)
+                    _echo_event(event, as_json)
+                    after = event.id
+        await _stop_task(reader)
+        # A kept group still has its stream: print what came before its end was heard.
+        with contextlib.suppress(GroupNotFound):
+            for event in await group.events(10_000, after=after):
+                _echo_event(event, as_json)
+        summary = _ended(ending)
+    finally:
+        if reader is not None:
+            await _stop_task(reader)
+        await _stop_task(ending)
+    if summary is None:
+        return f"group {group.id} is gone (it finished, or was deleted)"
+    return f"group {group.id} ended: {_outcome_line(summary)}"
+
+
+@main.command()
+@redis_options
+@click.argument("group_id", metavar="GROUP")
+@click.option("--count", type=click.IntRange(0), default=50, show_default=True, help="Latest events to print first.")
+@click.option("--follow", "-f", is_flag=True, help="Then print new events as they come, until the group ends.")
+@json_option
+def events(redis_url: str, prefix: str, group_id: str, count: int, follow: bool, as_json: bool) -> None:
+    """Print a group's timeline: time, kind, subject, from -> to, details.
+
+    Job transitions (running, pending_re_run, successful, failed, queued, deleted) and
+    stage transitions (running, complete, cancelled), oldest first. --follow waits on
+    the group's event stream (blocking XREAD) and stops when the group ends. With --json:
+    a JSON list, or with --follow one JSON object per line (the end goes to stderr).
+    GROUP is a group id, or the start of one."""
+
+    async def action(redis: ArqRedis) -> str | None:
+        group = await _find_group(redis, group_id, prefix)
+        key = Keys(prefix).events(group.id)
+        latest = [Event.of(i, f) for i, f in reversed(await redis.xrevrange(key, count=max(count, 1)))]
+        shown = latest[-count:] if count else []
+        if not follow:
+            if as_json:
+                _echo_json([_event_dict(e) for e in shown])
+            elif not shown:
+                click.echo(f"no events for group {group.id}")
+            for event in [] if as_json else shown:
+                click.echo(_event_line(event))
+            return None
+        for event in shown:
+            _echo_event(event, as_json)
+        return await _follow(group, key, latest[-1].id if latest else "0-0", as_json)
+
+    end = run_async(_with_redis(redis_url, action), redis_url)
+    if end is not None:
+        click.echo(end, err=as_json)
+
+
+@main.command()
+@redis_options
+@click.argument("group_id", metavar="GROUP")
+@click.option("--stage", "number", type=int, default=None, help="Cancel only this stage (the group goes on).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def cancel(redis_url: str, prefix: str, group_id: str, number: int | None, yes: bool, as_json: bool) -> None:
+    """Cancel a group, or one of its stages.
+
+    Jobs not yet final become cancelled: those not started leave arq's queue, running
+    ones are aborted when their worker has allow_abort_jobs (else they finish, and their
+    outcome changes nothing). A cancelled group ends at once and its callbacks fire; a
+    cancelled stage ends and the group moves on. GROUP is a group id, or the start of one."""
+
+    async def find(redis: ArqRedis) -> tuple[StagedGroup, str]:
+        group = await _find_group(redis, group_id, prefix)
+        status = await group.status()
+        if status.ended:
+            raise CommandError(f"group {group.id} already ended ({status.value}): nothing to cancel")
+        if number is None:
+            left = sum(p.open for p in (await group.progress()).values())
+            return group, f"Cancel group {group.id} {group.description!r} ({status.value}, {left} jobs not final)?"
+        info = await (await group.get_stage(number)).info()
+        what = f"stage {number} ({info.status.value}, {info.progress.open} jobs not final)"
+        return group, f"Cancel {what} of group {group.id} {group.description!r}?"
+
+    if not yes:
+        group, question = run_async(_with_redis(redis_url, find), redis_url)
+        click.confirm(question, abort=True, err=True)
+        group_id = group.id
+
+    async def action(redis: ArqRedis) -> dict[str, Any]:
+        group, _ = await find(redis)
+        if number is None:
+            return await _cancel_group(group)
+        return await _cancel_stage(group, number)
+
+    data = run_async(_with_redis(redis_url, action), redis_url)
+    if as_json:
+        _echo_json(data)
+        return
+    what = f"stage {data['stage']} of group {data['group']}" if data["stage"] is not None else f"group {data['group']}"
+    line = f"cancelled {what}: {data['cancelled']} jobs cancelled"
+    if data["running"]:
+        line += f" ({data['running']} were running: aborted if their worker allows aborts)"
+    if data["outcome"]:
+        line += f"; the group ended: {data['outcome']}"
+    elif data["next_stage"] is not None:
+        line += f"; the group goes on with stage {data['next_stage']}"
+    else:
+        line += f"; the group is {data['status']}"
+    click.echo(line)
+
+
+async def _cancel_group(group: StagedGroup) -> dict[str, Any]:
+    before = await group.progress()
+    async with EndListener(group) as end:
+        await group.cancel()
+        summary = await group.summary() or await end.summary(timeout=5)
+    if summary is None:  # the end was not heard: count what was open before
+        cancelled = sum(p.open for p in before.values())
+    else:
+        cancelled = summary.cancelled - sum(p.cancelled for p in before.values())
+    return {
+        "group": group.id,
+        "stage": None,
+        "cancelled": cancelled,
+        "running": sum(p.running for p in before.values()),
+        "outcome": summary.outcome if summary else "cancelled",
+        "next_stage": None,
+        "status": "cancelled",
+    }
+
+
+async def _cancel_stage(group: StagedGroup, number: int) -> dict[str, Any]:
+    stage = await group.get_stage(number)
+    before = await stage.info()
+    async with EndListener(group) as end:
+        motion = await stage.cancel()
+        summary = None
+        if motion.finished:
+            summary = await group.summary() or await end.summary(timeout=5)
+    after = next((s for s in summary.stages if s.number == number), None) if summary else None
+    if after is not None:
+        cancelled = after.cancelled
+    elif summary is None:
+        cancelled = (await stage.info()).progress.cancelled
+    else:
+        cancelled = before.progress.open
+    status = None if summary else (await group.status()).value
+    return {
+        "group": group.id,
+        "stage": number,
+        "cancelled": cancelled - before.progress.cancelled,
+        "running": before.progress.running,
+        "outcome": summary.outcome if summary else None,
+        "next_stage": int(motion.stage) if motion.outcome == "running" and motion.stage else None,
+        "status": status or (summary.outcome if summary else "ended"),
+    }
 
 
 # -- astages initiate / delete / cleanup / purge -----------------------------------------

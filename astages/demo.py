@@ -7,9 +7,10 @@
 4. report  one job that reads the earlier stages' counters and sums up.
 
 A worker runs in the same process (``astages._inprocess.run_group``) while progress bars
-are drawn from each stage's O(1) counters; the summary comes from the outcome of every
-job, since a finished group deletes itself. Without a Redis URL everything runs on an
-in-memory fakeredis server.
+are drawn from each stage's O(1) ``stage.info()``. A finished group deletes itself, so
+the summary comes from what its end published (per stage: counts, start and end, the
+real stage durations) and from the outcome of every job (messages, errors). Without a
+Redis URL everything runs on an in-memory fakeredis server.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from arq import Retry
 from arq.connections import ArqRedis
 
 from astages import _board
-from astages._inprocess import GroupRun, StageSummary, connect, run_group
+from astages._ending import EndListener
+from astages._inprocess import GroupRun, connect, run_group
 from astages.group import StagedGroup, within_a_grouping
 from astages.job import StagedJob
-from astages.models import JobStatus
-from astages.stage import StagedGroupStage
+from astages.models import GroupSummary, JobStatus, StageProgress
 
 __all__ = ["DEMO_QUEUE", "STAGES", "DemoResult", "run_demo"]
 
@@ -110,8 +111,8 @@ async def index_batch(ctx: dict[str, Any], first: int, last: int) -> int:
 
 async def publish_report(ctx: dict[str, Any], photos: int) -> str:
     job = await StagedJob.perform_job(ctx, photos)
-    group = job.stage().group
-    fetch, resize, index = [await StagedGroupStage(group, n).progress() for n in (1, 2, 3)]
+    progress = await job.stage().group.progress()
+    fetch, resize, index = (progress[n] for n in (1, 2, 3))
     text = (
         f"{fetch.successful} of {photos} photos published, {fetch.failed} missing; "
         f"{fetch.retried + resize.retried + index.retried} retries on the way"
@@ -142,22 +143,45 @@ class DemoResult:
     run: GroupRun
     redis: str  # where it ran
     left_over: int  # astages keys left behind (0: the group cleaned up after itself)
+    ending: GroupSummary | None = None  # what the group's end published (None if missed)
 
     @property
-    def summary(self) -> list[StageSummary]:
-        return self.run.summary()
+    def stages(self) -> list[dict[str, Any]]:
+        """Per stage: jobs, successful, failed, cancelled, retried and duration (seconds
+        from the stage's start to its end, as the stage recorded them)."""
+        if self.ending is None:  # not seen: every job's outcome, first start to last end
+            return [
+                s.as_dict() | {"name": STAGES.get(s.number, ""), "status": "complete", "cancelled": 0}
+                for s in self.run.summary()
+            ]
+        return [
+            {
+                "stage": s.number,
+                "name": STAGES.get(s.number, ""),
+                "status": s.status,
+                "jobs": s.total,
+                "successful": s.successful,
+                "failed": s.failed,
+                "cancelled": s.cancelled,
+                "retried": s.retried,
+                "duration": round((s.finished - s.started).total_seconds(), 3) if s.started and s.finished else None,
+            }
+            for s in self.ending.stages
+        ]
 
     def as_dict(self) -> dict[str, Any]:
-        stages = [s.as_dict() | {"name": STAGES.get(s.number, "")} for s in self.summary]
+        stages = self.stages
         return {
             "group": self.run.group_id,
             "description": self.run.description,
             "redis": self.redis,
+            "outcome": self.ending.outcome if self.ending else None,
             "elapsed": round(self.run.elapsed, 3),
-            "jobs": len(self.run.jobs),
-            "successful": len(self.run.successful),
-            "failed": len(self.run.failed),
-            "retried": sum(job.retried for job in self.run.jobs),
+            "jobs": sum(s["jobs"] for s in stages),
+            "successful": sum(s["successful"] for s in stages),
+            "failed": sum(s["failed"] for s in stages),
+            "cancelled": sum(s["cancelled"] for s in stages),
+            "retried": sum(s["retried"] for s in stages),
             "left_over_keys": self.left_over,
             "stages": stages,
             "failures": [
@@ -212,51 +236,56 @@ async def run_demo(
         if on_group is not None:
             on_group(group)
         pace = QUICK if quick else NORMAL
-        runner = asyncio.ensure_future(
-            run_group(
-                redis,
-                group,
-                FUNCTIONS,
-                timeout=300,
-                fast_forward=quick,
-                max_jobs=40,
-                poll_delay=0.01,
-                keep_result=0,
-                ctx={"demo_pace": pace},
-            )
-        )
-        rows: list[_board.StageRow] = []
-        try:
-            while not runner.done():
-                if board is not None:
-                    frame = await _board.snapshot(group, STAGES)
-                    if frame is not None:
-                        rows = frame
-                        board.draw(rows)
-                await asyncio.wait([runner], timeout=interval)
-            run = runner.result()
-        finally:
-            if not runner.done():
-                runner.cancel()
-                await asyncio.wait([runner])
-                await group.delete()
+        async with EndListener(group) as end:
+            run = await _run(redis, group, pace, quick, board, interval)
+            ending = await end.summary(timeout=5)
         if board is not None:
-            board.draw(_final_rows(run, rows))
+            board.draw(_board.ended_rows(ending, STAGES) if ending else _final_rows(run))
         left_over = len(await redis.keys("astages:{" + group.id + "}*"))
-        return DemoResult(run, "fakeredis (in memory)" if not url else _safe(url), left_over)
+        return DemoResult(run, "fakeredis (in memory)" if not url else _safe(url), left_over, ending)
     finally:
         await redis.aclose()
 
 
-def _final_rows(run: GroupRun, rows: list[_board.StageRow]) -> list[_board.StageRow]:
-    """Full bars built from every job's outcome (the group's own counters are gone)."""
-    from astages.models import StageProgress
+async def _run(
+    redis: ArqRedis, group: StagedGroup, pace: Pace, quick: bool, board: _board.Board | None, interval: float
+) -> GroupRun:
+    """Run the group with an in-process worker, drawing a frame every ``interval`` seconds."""
+    runner = asyncio.ensure_future(
+        run_group(
+            redis,
+            group,
+            FUNCTIONS,
+            timeout=300,
+            fast_forward=quick,
+            max_jobs=40,
+            poll_delay=0.01,
+            keep_result=0,
+            ctx={"demo_pace": pace},
+        )
+    )
+    try:
+        while not runner.done():
+            if board is not None:
+                frame = await _board.snapshot(group, STAGES)
+                if frame is not None:
+                    board.draw(frame)
+            await asyncio.wait([runner], timeout=interval)
+        return runner.result()
+    finally:
+        if not runner.done():
+            runner.cancel()
+            await asyncio.wait([runner])
+            await group.delete()
 
+
+def _final_rows(run: GroupRun) -> list[_board.StageRow]:
+    """Full bars built from every job's outcome, when the group's end was not heard."""
     out = []
     for summary in run.summary():
         progress = StageProgress(successful=summary.successful, failed=summary.failed, retried=summary.retried)
         out.append(_board.StageRow(summary.number, "complete", progress, STAGES.get(summary.number, "")))
-    return out or rows
+    return out
 
 
 def _safe(url: str) -> str:

@@ -32,7 +32,7 @@ def test_groups_lists_live_groups_with_progress(db_url: str) -> None:
     result = invoke("groups", "--redis-url", db_url)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["ID", "DESCRIPTION", "CREATED", "STATUS", "STAGE", "JOBS", "FAILED"]
+    assert lines[0].split() == ["ID", "DESCRIPTION", "CREATED", "STATUS", "STAGE", "JOBS", "FAILED", "CANCELLED"]
     assert lines[1].startswith(first) and "running" in lines[1] and "0/4" in lines[1]
     assert "second" in lines[2] and "pending" in lines[2]
     data = json.loads(invoke("groups", "--redis-url", db_url, "--json").output)
@@ -178,4 +178,5 @@ def test_watch_returns_once_a_kept_group_ended(db_url: str) -> None:
     result = invoke("watch", group_id, "--redis-url", db_url, "--interval", "0.05")
     assert result.exit_code == 0, result.output
     assert "1/1" in result.output
-    assert result.output.endswith(f"group {group_id} ended: complete\n")
+    assert f"group {group_id} ended: complete at " in result.output
+    assert result.output.endswith(": 1 successful, 0 failed, 0 cancelled\n")

@@ -457,11 +457,14 @@ def watch(redis_url: str, prefix: str, group_id: str, interval: float, timeout: 
 
     async def action(redis: ArqRedis) -> str:
         group = await _find_group(redis, group_id, prefix)
-        click.echo(f"group {group.id}  {group.description!r}")
+        async with group.ending() as end:  # subscribed before anything is shown
+            click.echo(f"group {group.id}  {group.description!r}")
+            return await follow(group, asyncio.ensure_future(end.result()))
+
+    async def follow(group: StagedGroup, ending: asyncio.Future[GroupSummary]) -> str:
         board = Board()
         rows: list[StageRow] = []
         deadline = None if timeout is None else time.monotonic() + timeout
-        ending = asyncio.ensure_future(group.wait())
         try:
             while not ending.done():
                 frame = await snapshot(group)

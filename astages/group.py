@@ -31,7 +31,7 @@ from astages.stage import JobFunction, StagedGroupStage, make_spec
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
 
-__all__ = ["DEFAULT_EVENTS", "StagedGroup", "within_a_grouping"]
+__all__ = ["DEFAULT_EVENTS", "GroupEnding", "StagedGroup", "within_a_grouping"]
 
 # Default cap of a group's event timeline (a Redis stream trimmed to about this length).
 DEFAULT_EVENTS = 1_000
@@ -308,11 +308,23 @@ class StagedGroup:
         raw = await self.redis.hget(self._key, "summary")
         return None if raw is None else GroupSummary.from_json(raw)
 
-    async def events(self, count: int = 100, *, after: str = "-") -> builtins.list[Event]:
-        """The group's timeline (oldest first): up to ``count`` events after event id ``after``."""
-        start = after if after == "-" else f"({after}"
-        rows = await self.redis.xrange(self.store.keys.events(self.id), min=start, count=count)
+    async def events(self, count: int = 100, *, after: str = "-", newest: bool = False) -> builtins.list[Event]:
+        """The group's timeline, oldest first: up to ``count`` events after event id
+        ``after``, or with ``newest=True`` the latest ``count`` events."""
+        key = self.store.keys.events(self.id)
+        if newest:
+            rows = list(reversed(await self.redis.xrevrange(key, count=count)))
+        else:
+            start = after if after == "-" else f"({after}"
+            rows = await self.redis.xrange(key, min=start, count=count)
         return [Event.of(entry_id, fields) for entry_id, fields in rows]
+
+    def ending(self) -> GroupEnding:
+        """``async with group.ending() as ending:`` is subscribed to the group's end when
+        the block starts; end it or start its workers inside, then
+        ``await ending.wait(timeout)``. A group that is not kept is deleted in the step
+        that ends it, so its published summary is the only record of how it ended."""
+        return GroupEnding(self)
 
     async def wait(self, timeout: float | None = None) -> GroupSummary:  # noqa: ASYNC109 - the issue fixes this API
         """Wait until the group ends and return its summary; woken by a Redis pub/sub
@@ -320,25 +332,73 @@ class StagedGroup:
 
         Raises GroupNotFound when the group is gone (deleted, or it ended before the
         call and was not made with ``keep_for``), and TimeoutError after ``timeout``."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        async with self.ending() as ending:
+            return await ending.result(timeout)
+
+
+class GroupEnding:
+    """A subscription to one group's end, confirmed by Redis before the block starts
+    (a check made after ``__aenter__`` cannot miss the end)."""
+
+    def __init__(self, group: StagedGroup) -> None:
+        self.group = group
+        self.deleted = False
+        self._pubsub: Any = None  # redis-py's PubSub
+
+    async def __aenter__(self) -> GroupEnding:
+        pubsub = self.group.redis.pubsub()
+        self._pubsub = pubsub
         try:
-            await pubsub.subscribe(self.store.keys.finished_channel(self.id))
-            raw = await self.redis.hmget(self._key, ["status", "summary"])
-            if raw[0] is None:
-                raise GroupNotFound(self.id)
-            if raw[1] is not None:
-                return GroupSummary.from_json(raw[1])
-            with anyio.fail_after(timeout):
+            await pubsub.subscribe(self.group.store.keys.finished_channel(self.group.id))
+            with anyio.fail_after(10):
                 async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    summary = json.loads(message["data"])
-                    if summary.get("outcome") == "deleted":
-                        raise GroupNotFound(self.id)
-                    return GroupSummary.from_json(message["data"])
-            raise GroupNotFound(self.id)  # the subscription ended: the connection closed
-        finally:
+                    if message.get("type") == "subscribe":
+                        break
+        except BaseException:
             await pubsub.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+    async def summary(self, timeout: float | None = None) -> GroupSummary | None:  # noqa: ASYNC109
+        """The summary the group's end publishes; None when the group was deleted
+        (``self.deleted`` is then True) or nothing came within ``timeout`` seconds."""
+        if self._pubsub is None:
+            raise AstagesError("use group.ending() in an async with block")
+        with anyio.move_on_after(timeout):
+            async for message in self._pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                if json.loads(message["data"]).get("outcome") == "deleted":
+                    self.deleted = True
+                    return None
+                return GroupSummary.from_json(message["data"])
+        return None
+
+    async def result(self, timeout: float | None = None) -> GroupSummary:  # noqa: ASYNC109
+        """What ``group.wait()`` returns: the kept summary of a group that has ended,
+        else the summary its end publishes. Raises GroupNotFound when the group is gone
+        and TimeoutError when ``timeout`` runs out."""
+        group = self.group
+        raw = await group.redis.hmget(group.store.keys.group(group.id), ["status", "summary"])
+        if raw[0] is None:
+            raise GroupNotFound(group.id)
+        if raw[1] is not None:
+            return GroupSummary.from_json(raw[1])
+        return await self.wait(timeout)
+
+    async def wait(self, timeout: float | None = None) -> GroupSummary:  # noqa: ASYNC109
+        """Like ``summary`` but raises GroupNotFound when the group was deleted and
+        TimeoutError when ``timeout`` ran out."""
+        summary = await self.summary(timeout)
+        if summary is not None:
+            return summary
+        if self.deleted:
+            raise GroupNotFound(self.group.id)
+        raise TimeoutError(f"group {self.group.id} did not end within {timeout}s")
 
 
 class _Grouping:

@@ -344,3 +344,29 @@ async def test_failure_callback_registered_after_the_failure(redis):
     assert await finish(jobs[1], "s") == "running"
     with pytest.raises(astages.StageComplete):
         await s1.on_complete(done, "too late")
+
+
+async def test_ending_is_subscribed_before_the_block(redis):
+    """An end that happens inside `async with group.ending()` is always heard."""
+    for _ in range(5):
+        async with astages.within_a_grouping(redis, "ending") as group:
+            (job,) = await (await group.stage(1)).enqueue_many([(work, ("a",))])
+        async with group.ending() as ending:
+            assert await finish(job, "s") == "finished"
+            summary = await ending.wait(timeout=5)
+        assert summary.outcome == "complete" and summary.group_id == group.id
+    async with astages.within_a_grouping(redis, "deleted") as group:
+        await (await group.stage(1)).enqueue(work, "b")
+    async with group.ending() as ending:
+        await group.delete()
+        with pytest.raises(astages.GroupNotFound):
+            await ending.wait(timeout=5)
+
+
+async def test_newest_events(redis):
+    """events(newest=True) gives the latest events, oldest first."""
+    async with astages.within_a_grouping(redis, "newest", keep_for=60) as group:
+        await (await group.stage(1)).enqueue_many([(work, (i,)) for i in range(5)])
+    await run_burst(redis, FUNCTIONS)
+    everything = await group.events(1000)
+    assert [e.id for e in await group.events(3, newest=True)] == [e.id for e in everything[-3:]]

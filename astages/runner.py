@@ -11,9 +11,11 @@ command therefore needs a process supervisor to restart it.
 - a poll iteration that fails on a connection error is logged and retried after an
   exponential backoff with jitter (0.1 s doubling up to 5 s), until Redis answers again;
 - a failure in the middle of taking a job gives its slot back (arq would leak the slot
-  and, after ``max_jobs`` such failures, stop taking jobs); the job itself stays in the
-  queue, or, when the failure hid that arq's in-progress mark was written, runs once
-  that mark expires: it is never lost, and never run twice at the same time;
+  and, after ``max_jobs`` such failures, stop taking jobs), and the job's in-progress
+  mark carries this worker's token: when a connection drops while the mark is written,
+  reading it back tells whether to run the job here (arq would skip it and leave the
+  mark: the job would wait for it to expire, the longest timeout + 10 s). A job is never
+  lost, and never run twice at the same time;
 - a job task that died on a Redis error is logged instead of re-raised into the loop.
 
 ``reconnecting(settings)`` gives a ``RedisSettings`` a reconnect-and-retry policy unless
@@ -31,16 +33,18 @@ import logging.config
 import os
 import random
 import sys
+import uuid
 from typing import Any
 
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.logs import default_log_config
-from arq.utils import import_string
+from arq.utils import import_string, timestamp_ms
 from arq.worker import Worker, check_health, get_kwargs
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["HardenedWorker", "create_worker", "reconnecting", "run_worker"]
@@ -85,6 +89,8 @@ class HardenedWorker(Worker):
             kwargs["redis_settings"] = reconnecting(kwargs.get("redis_settings"))
         super().__init__(*args, **kwargs)
         self.redis_failures = 0
+        # the value of this worker's in-progress marks (arq writes b"1" and reads none)
+        self.token = f"astages:{uuid.uuid4().hex}".encode()
 
     async def _poll_iteration(self) -> None:
         self._reap_failed_tasks()
@@ -116,17 +122,53 @@ class HardenedWorker(Worker):
                 logger.log(level, "job %s ended on an error outside the job (%s: %s)", job_id, type(exc).__name__, exc)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        for job_id in job_ids:
+        """arq's start_jobs, with the slot given back on a Redis error and the job's
+        in-progress mark written with this worker's token, so that a connection dropped
+        while the mark was being written is resolved by reading it back: the job runs
+        here if the mark is ours, and is left alone otherwise."""
+        for job_id_b in job_ids:
+            await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
+                self.sem.release()
                 return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
             try:
-                await super().start_jobs([job_id])
+                score = await self._claim(job_id)
             except REDIS_FAILURES:
-                # arq took a slot (counter and semaphore) before the call that failed and
-                # gives it back only on the errors it expects; give it back here.
                 self.job_counter -= 1
                 self.sem.release()
                 raise
+            if score is None:
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _claim(self, job_id: str) -> int | None:
+        """Mark the job in progress (as arq does, but with this worker's token); its score
+        when this worker may run it, None when it runs elsewhere or is not due."""
+        key = in_progress_key_prefix + job_id
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)  # a failure up to MULTI wrote nothing: it propagates
+            ongoing = await pipe.exists(key)
+            score = await pipe.zscore(self.queue_name, job_id)
+            if ongoing or not score or score > timestamp_ms():
+                return None
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.psetex(key, int(self.in_progress_timeout_s * 1000), self.token)
+            try:
+                await pipe.execute()
+            except (ResponseError, WatchError, RedisConnectionError, RedisTimeoutError):
+                # WatchError also stands for a connection dropped during EXEC: the mark
+                # may have been written. Whose is it? (A failure here propagates; the mark,
+                # if ours, then expires and the job runs again, as after a crash.)
+                if await self.pool.get(key) != self.token:
+                    return None
+                logger.info("job %s: claimed despite a Redis error while claiming it", job_id)
+        return int(score)
 
 
 def create_worker(settings: Any, **overrides: Any) -> HardenedWorker:

@@ -71,6 +71,42 @@ async def test_start_jobs_gives_a_slot_back_when_redis_fails(redis_server: Serve
         await pool.aclose()
 
 
+async def test_claim_written_before_a_dropped_connection_still_runs_the_job(real_redis, redis_server: Server):
+    """EXEC applied but its reply lost: arq skips the job and leaves its in-progress mark (the job waits
+    for it to expire); HardenedWorker reads its own token back and runs the job."""
+    job = await real_redis.enqueue_job("work", "x")
+    assert job is not None
+    key = f"arq:in-progress:{job.job_id}"
+    for cls, runs in ((arq.worker.Worker, False), (HardenedWorker, True)):
+        pool = await create_pool(redis_server.settings)
+        real_pipeline = pool.pipeline
+
+        def lossy_pipeline(*args, real_pipeline=real_pipeline, **kwargs):
+            pipe = real_pipeline(*args, **kwargs)
+            real_execute = pipe.execute
+
+            async def execute(*a, **kw):
+                await real_execute(*a, **kw)  # applied, then the reply is "lost"
+                raise WatchError("A ConnectionError occurred on while watching one or more keys")
+
+            pipe.execute = execute
+            return pipe
+
+        worker = cls(functions=[work], redis_pool=pool, handle_signals=False, max_jobs=2, burst=True)
+        pool.pipeline = lossy_pipeline
+        try:
+            await worker.start_jobs([job.job_id.encode()])
+            pool.pipeline = real_pipeline
+            assert (job.job_id in worker.tasks) is runs
+            assert await real_redis.exists(key) == 1  # the mark was written either way
+            if runs:
+                await worker.tasks[job.job_id]
+                assert RUNS[-1] == "x"
+        finally:
+            await real_redis.delete(key)
+            await pool.aclose()
+
+
 async def test_poll_loop_survives_redis_errors(redis_server: Server):
     """A poll iteration failing on Redis errors backs off and carries on (arq's would end the worker)."""
     pool = await create_pool(redis_server.settings)
@@ -101,7 +137,7 @@ async def test_hardened_worker_runs_through_dropped_connections(real_redis, redi
         for n in (1, 2, 3):
             await (await group.stage(n)).enqueue_many([(work, (f"{n}-{i}",)) for i in range(150)])
     settings = astages.worker_settings(
-        functions=[work], redis_settings=redis_server.settings, sweep_interval=0.5, sweep_grace=0.5
+        functions=[work], redis_settings=redis_server.settings, sweep_interval=0.5, sweep_grace=0.5, job_timeout=2
     )
     worker = HardenedWorker(**settings, handle_signals=False, poll_delay=0.01, max_jobs=20)
     task = asyncio.ensure_future(worker.main())

@@ -42,6 +42,23 @@ def iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+def seconds(span: dt.timedelta | None) -> str:
+    """A duration as a label: ``0.4 s``, ``12 s``, ``3 min 05 s``, ``2 h 03 min``; ``—`` for none."""
+    if span is None:
+        return "—"
+    total = max(0.0, span.total_seconds())
+    if total < 10:
+        return f"{total:.1f} s"
+    whole = int(total)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    if whole < 86400:
+        return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+    return f"{whole // 86400} d {whole % 86400 // 3600:02d} h"
+
+
 def progress_json(progress: StageProgress) -> dict[str, Any]:
     out: dict[str, Any] = progress.as_dict()
     out["finished"] = progress.finished

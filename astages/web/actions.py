@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from astages._scripts import Motion, text
 from astages.exceptions import AstagesError, GroupNotFound, JobNotFound, StageNotFound
 from astages.group import StagedGroup
 from astages.job import StagedJob
+from astages.models import GroupStatus, GroupSummary
 from astages.web._shared import stage_of
 from astages.web.security import CSRF_COOKIE, CSRF_FIELD, FLASH_COOKIE, cookie_path, safe_next, same_origin
 from astages.web.templating import render, url
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from astages.web.app import Dashboard
 
 DELETE_BATCH = 200
+ANNOUNCED_WITHIN = 2.0  # seconds to wait for the summary a cancel that ended the group published
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,83 @@ async def delete_group(request: Request) -> Response:
     return await _act(request, work, confirm="Delete this group, with all its stages and jobs?")
 
 
+async def cancel_group(request: Request) -> Response:
+    store = _dashboard(request).store
+    group_id = request.path_params["group_id"]
+
+    async def work() -> Outcome:
+        group = await _group(store, group_id)
+        status = await group.status()
+        if status.ended:
+            return Outcome(f"Nothing done: group {group.description!r} had already ended ({status.value}).", "error")
+        count, summary, kept = await _cancelling(store, group, None, group.cancel)
+        message = f"Cancelled group {group.description!r}: {_jobs(count)} cancelled; {_ended(summary, kept)}"
+        return Outcome(message, go=None if kept else url(request, "groups"))
+
+    return await _act(
+        request,
+        work,
+        confirm="Cancel this group? Its unfinished jobs are cancelled (running ones aborted where the worker "
+        "allows it) and its later stages never start.",
+    )
+
+
+async def _cancelling(
+    store: Store, group: StagedGroup, number: int | None, cancel: Callable[[], Awaitable[Motion]]
+) -> tuple[int, GroupSummary | None, bool]:
+    """Run ``cancel`` (of the group, or of its stage ``number``) and count the jobs it
+    cancelled: cancelled counters after minus before, read from the group when it is
+    still there, else from the summary its end published (subscribed before the cancel,
+    as ``group.wait()`` does). Returns (jobs cancelled, summary if the group ended,
+    whether the group is still readable)."""
+    before = await group.progress()
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(store.keys.finished_channel(group.id))
+        motion = await cancel()
+        after: dict[int, int] | None = None
+        summary: GroupSummary | None = None
+        kept = await group.exists()
+        if kept:
+            after = {n: p.cancelled for n, p in (await group.progress()).items()}
+            if (await group.status()).ended:
+                summary = await group.summary()
+        elif motion.finished:
+            summary = await _announced(pubsub)
+            if summary is not None:
+                after = {s.number: s.cancelled for s in summary.stages}
+    finally:
+        await pubsub.aclose()
+    scope = [number] if number is not None else list(before)
+    if after is None:  # the end was not heard: what was open when we looked
+        return sum(before[n].open for n in scope if n in before), summary, kept
+    return sum(after.get(n, 0) - (before[n].cancelled if n in before else 0) for n in scope), summary, kept
+
+
+async def _announced(pubsub: Any) -> GroupSummary | None:
+    """The summary published on the group's channel, if it comes within ANNOUNCED_WITHIN."""
+    deadline = time.monotonic() + ANNOUNCED_WITHIN
+    while (left := deadline - time.monotonic()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None and message.get("type") == "message":
+            return GroupSummary.from_json(message["data"])
+    return None
+
+
+def _jobs(count: int) -> str:
+    return f"{count:,} job{'' if count == 1 else 's'}"
+
+
+def _ended(summary: GroupSummary | None, kept: bool) -> str:
+    """Whether the group ended, as the end of a message."""
+    if summary is None and kept:
+        return "the group goes on."
+    outcome = f" ({summary.outcome})" if summary is not None else ""
+    if kept:
+        return f"the group ended{outcome} and is kept, readable, until it expires."
+    return f"the group ended{outcome} and was deleted."
+
+
 # -- a stage -----------------------------------------------------------------------------
 
 
@@ -257,6 +337,37 @@ async def delete_stage(request: Request) -> Response:
         return Outcome(_moved(motion, f"Deleted stage {number}"), go=go)
 
     return await _act(request, work, confirm="Delete this stage and all its jobs?")
+
+
+async def cancel_stage(request: Request) -> Response:
+    store = _dashboard(request).store
+    group_id, number = _stage_params(request)
+
+    async def work() -> Outcome:
+        if number is None:
+            raise GroupNotFound(group_id)
+        group = await _group(store, group_id)
+        stage = stage_of(store, group_id, number)
+        await stage.status()  # StageNotFound before anything is counted
+        count, summary, kept = await _cancelling(store, group, number, stage.cancel)
+        after = _ended(summary, kept)
+        if summary is None and kept:
+            current = await group.current_stage()
+            if await group.status() is GroupStatus.PENDING:
+                after = "the group is still pending (not initiated)."
+            elif current is not None:
+                after = f"stage {current.number} is running."
+        return Outcome(
+            f"Cancelled stage {number}: {_jobs(count)} cancelled; {after}",
+            go=None if kept else url(request, "groups"),
+        )
+
+    return await _act(
+        request,
+        work,
+        confirm="Cancel this stage? Its unfinished jobs are cancelled (running ones aborted where the worker "
+        "allows it) and the group moves on to its next stage.",
+    )
 
 
 # -- a job --------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def create_app(
         Route("/groups/{group_id}/stages/{number}/jobs/{seq}", pages.job_html, name="job"),
         Route("/api/groups", pages.groups_json, name="api_groups"),
         Route("/api/groups/{group_id}", pages.group_json, name="api_group"),
+        Route("/api/groups/{group_id}/events", pages.events_json, name="api_events"),
         Route("/api/groups/{group_id}/stages/{number}", pages.stage_json, name="api_stage"),
         Route("/api/groups/{group_id}/stages/{number}/jobs/{seq}", pages.job_json, name="api_job"),
         Route("/actions/delete-all-groups", actions.delete_all_groups, methods=["POST"], name="delete_all_groups"),
@@ -73,6 +74,7 @@ def create_app(
         Route("/actions/purge", actions.purge, methods=["POST"], name="purge"),
         Route("/groups/{group_id}/initiate", actions.initiate_group, methods=["POST"], name="initiate_group"),
         Route("/groups/{group_id}/delete", actions.delete_group, methods=["POST"], name="delete_group"),
+        Route("/groups/{group_id}/cancel", actions.cancel_group, methods=["POST"], name="cancel_group"),
         Route(
             "/groups/{group_id}/stages/{number}/initiate",
             actions.initiate_stage,
@@ -80,6 +82,7 @@ def create_app(
             name="initiate_stage",
         ),
         Route("/groups/{group_id}/stages/{number}/delete", actions.delete_stage, methods=["POST"], name="delete_stage"),
+        Route("/groups/{group_id}/stages/{number}/cancel", actions.cancel_stage, methods=["POST"], name="cancel_stage"),
         Route(
             "/groups/{group_id}/stages/{number}/jobs/{seq}/queue", actions.queue_job, methods=["POST"], name="queue_job"
         ),
@@ -119,8 +122,8 @@ def _is_api(request: Request) -> bool:
 def _missing(exc: Exception) -> str:
     if isinstance(exc, GroupNotFound):
         return (
-            f"There is no group {exc.group_id!r}: it finished (a finished group deletes itself), "
-            "was deleted, or never was."
+            f"There is no group {exc.group_id!r}: it finished (a finished group deletes itself "
+            "unless it was made with keep_for, then expires), was deleted, or never was."
         )
     if isinstance(exc, StageNotFound):
         return f"Group {exc.group_id!r} has no stage {exc.number}."

@@ -15,8 +15,8 @@ from typing import Any
 from astages._scripts import Store, text
 from astages.exceptions import GroupNotFound
 from astages.group import StagedGroup
-from astages.models import StageProgress, StageStatus, ms_to_datetime
-from astages.web._shared import add, iso, percent, progress_json
+from astages.models import StageInfo, StageProgress, StageStatus, ms_to_datetime
+from astages.web._shared import add, iso, percent, progress_json, seconds
 
 GROUP_PAGE_SIZE = 20
 GROUP_SORT_LIMIT = 5_000
@@ -25,9 +25,21 @@ GROUP_SORTS = ("created", "description", "stages", "progress")
 
 @dataclass(frozen=True, slots=True)
 class StageRow:
-    number: int
-    status: StageStatus
-    progress: StageProgress
+    """A stage as its hash says: what ``stage.info()`` returns, from the same one read."""
+
+    info: StageInfo
+
+    @property
+    def number(self) -> int:
+        return self.info.number
+
+    @property
+    def status(self) -> StageStatus:
+        return self.info.status
+
+    @property
+    def progress(self) -> StageProgress:
+        return self.info.progress
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -35,7 +47,20 @@ class StageRow:
             "status": self.status.value,
             "num_jobs": self.progress.total,
             "progress": progress_json(self.progress),
+            **times_json(self.info),
         }
+
+
+def times_json(info: StageInfo) -> dict[str, Any]:
+    """A stage's times for the JSON API; ``duration`` is a label (live on the pages)."""
+    duration = info.duration
+    return {
+        "created": iso(info.created),
+        "started": iso(info.started),
+        "finished": iso(info.finished),
+        "duration_seconds": None if duration is None else round(duration.total_seconds(), 3),
+        "duration": seconds(duration),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +85,7 @@ class GroupRow:
     @property
     def current_stage(self) -> int | None:
         for stage in self.stages:
-            if stage.status.value not in ("complete", "cancelled"):
+            if not stage.status.ended:
                 return stage.number
         return None
 
@@ -68,12 +93,18 @@ class GroupRow:
     def live(self) -> bool:
         return self.status == "running"
 
+    @property
+    def ended(self) -> bool:
+        """Complete, failed or cancelled: only seen for a group made with ``keep_for``."""
+        return self.status in ("complete", "failed", "cancelled")
+
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "description": self.description,
             "created_at": iso(self.created_at),
             "status": self.status,
+            "ended": self.ended,
             "num_stages": self.num_stages,
             "current_stage": self.current_stage,
             "progress": progress_json(self.progress),
@@ -135,7 +166,7 @@ async def group_rows(store: Store, ids: list[str]) -> list[GroupRow]:
         for n in stage_numbers:
             raw = next(stage_hashes)
             if raw:
-                stages.append(StageRow(n, StageStatus(text(raw.get(b"status", b"pending"))), StageProgress.of(raw)))
+                stages.append(StageRow(StageInfo.of(n, raw if b"status" in raw else {**raw, b"status": b"pending"})))
         if created is None:
             continue
         rows.append(

@@ -8,9 +8,20 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from astages.group import StagedGroup
 from astages.models import JobStatus
 from astages.web._shared import ORDERS, pick, to_int
-from astages.web.groups import GROUP_SORTS, GroupsPage, group_detail, groups_page
+from astages.web.grouppage import (
+    EVENT_PAGE_MAX,
+    EVENT_PAGE_SIZE,
+    EventRow,
+    GroupPage,
+    group_page,
+    stream_id,
+    summary_json,
+    timeline,
+)
+from astages.web.groups import GROUP_SORTS, GroupsPage, groups_page
 from astages.web.jobpage import job_detail
 from astages.web.stagepage import StagePage, StageQuery, stage_page
 from astages.web.templating import render, url
@@ -71,20 +82,68 @@ async def groups_json(request: Request) -> Response:
 # -- a group ------------------------------------------------------------------------------
 
 
-async def group_html(request: Request) -> Response:
+async def _group(request: Request) -> GroupPage:
     group_id, _, _ = _path(request)
-    group = await group_detail(_store(request), group_id)
-    live = url(request, "api_group", group_id=group_id) if group.live else None
-    return render(request, "group.html", {"group": group}, live_url=live)
+    return await group_page(_store(request), group_id, stream_id(request.query_params.get("after")))
+
+
+def _event_link(request: Request, group_id: str, row: EventRow) -> str | None:
+    if row.seq is not None:
+        return url(request, "job", group_id=group_id, number=row.stage, seq=row.seq)
+    if row.stage is not None:
+        return url(request, "stage", group_id=group_id, number=row.stage)
+    return None
+
+
+async def group_html(request: Request) -> Response:
+    data = await _group(request)
+    group = data.group
+    live = url(request, "api_group", group_id=group.id) if group.live else None
+    return render(
+        request,
+        "group.html",
+        {
+            "group": group,
+            "summary": data.summary,
+            "failed_jobs": data.failed_jobs,
+            "timeline": data.timeline,
+            "event_link": lambda row: _event_link(request, group.id, row),
+        },
+        live_url=live,
+    )
 
 
 async def group_json(request: Request) -> Response:
+    data = await _group(request)
+    group = data.group
+    out = group.as_json()
+    out["live"] = group.live
+    out["stages"] = [stage.as_json() for stage in group.stages]
+    out["summary"] = summary_json(data.summary) if data.summary is not None else None
+    out["events_url"] = url(request, "api_events", group_id=group.id)
+    return _json(out)
+
+
+async def events_json(request: Request) -> Response:
+    """``/api/groups/<id>/events?after=<stream id>&count=<n>``: the timeline, oldest first."""
     group_id, _, _ = _path(request)
-    group = await group_detail(_store(request), group_id)
-    data = group.as_json()
-    data["live"] = group.live
-    data["stages"] = [stage.as_json() for stage in group.stages]
-    return _json(data)
+    store = _store(request)
+    group = await StagedGroup.load(store.redis, group_id, prefix=store.keys.prefix)
+    params = request.query_params
+    after = stream_id(params.get("after"))
+    size = min(EVENT_PAGE_MAX, to_int(params.get("count"), EVENT_PAGE_SIZE, 1))
+    page = await timeline(store, group, after, size)
+    return _json(
+        {
+            "group_id": group_id,
+            "after": page.after,
+            "count": len(page.rows),
+            "more": page.more,
+            "next_after": page.next_after,
+            "latest_after": page.latest,
+            "events": [row.as_json(_event_link(request, group_id, row)) for row in page.rows],
+        }
+    )
 
 
 # -- a stage ------------------------------------------------------------------------------

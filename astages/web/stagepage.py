@@ -21,9 +21,10 @@ from astages._keys import JobRef
 from astages._scripts import Store, text
 from astages.group import StagedGroup
 from astages.job import StagedJob
-from astages.models import CODES, JobStatus, StageProgress, StageStatus
+from astages.models import CODES, GroupStatus, JobStatus, StageInfo, StageProgress, StageStatus
 from astages.stage import StagedGroupStage
 from astages.web._shared import ORDERS, iso, jsonable, pick, progress_json, short_repr, to_int
+from astages.web.groups import times_json
 
 JOB_PAGE_SIZE = 50
 WINDOW = 1_000
@@ -124,9 +125,8 @@ class StageQuery:
 class StagePage:
     group_id: str
     group_description: str
-    number: int
-    status: StageStatus
-    progress: StageProgress
+    group_status: GroupStatus
+    info: StageInfo
     num_jobs: int
     query: StageQuery
     rows: tuple[JobRow, ...]
@@ -144,16 +144,34 @@ class StagePage:
     notes: tuple[str, ...] = field(default=())
 
     @property
+    def number(self) -> int:
+        return self.info.number
+
+    @property
+    def status(self) -> StageStatus:
+        return self.info.status
+
+    @property
+    def progress(self) -> StageProgress:
+        return self.info.progress
+
+    @property
     def live(self) -> bool:
         return self.status is StageStatus.RUNNING
 
+    @property
+    def actionable(self) -> bool:
+        """Initiate and Cancel Stage apply: neither the stage nor its group has ended."""
+        return not self.status.ended and not self.group_status.ended
+
     def as_json(self) -> dict[str, Any]:
         return {
-            "group": {"id": self.group_id, "description": self.group_description},
+            "group": {"id": self.group_id, "description": self.group_description, "status": self.group_status.value},
             "number": self.number,
             "status": self.status.value,
             "num_jobs": self.num_jobs,
             "progress": progress_json(self.progress),
+            **times_json(self.info),
             "live": self.live,
             "query": {
                 "sort": self.query.sort,
@@ -382,16 +400,16 @@ async def stage_page(
     """The stage page for ``query``; GroupNotFound / StageNotFound when gone."""
     group = await StagedGroup.load(store.redis, group_id, prefix=store.keys.prefix)
     stage = StagedGroupStage(group, number)
-    progress = await stage.progress()  # StageNotFound when there is no such stage
-    status = await stage.status()
+    info = await stage.info()  # StageNotFound when there is no such stage
+    progress = info.progress
+    group_status = await group.status()
     num_jobs = await stage.num_jobs()
     make = functools.partial(
         StagePage,
         group_id=group.id,
         group_description=group.description,
-        number=number,
-        status=status,
-        progress=progress,
+        group_status=group_status,
+        info=info,
         num_jobs=num_jobs,
         query=query,
     )

@@ -13,6 +13,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from astages.models import StageProgress
+from astages.web._shared import seconds
+from astages.web.grouppage import stage_duration
 from astages.web.groups import GROUP_SORT_LIMIT
 from astages.web.security import CSRF_COOKIE, FLASH_COOKIE, cookie_path, new_nonce
 
@@ -52,6 +54,11 @@ def stamp(when: dt.datetime | None) -> str:
     if when is None:
         return ""
     return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def clock(when: dt.datetime | None) -> str:
+    """``07:05:33`` (UTC)."""
+    return "" if when is None else when.astimezone(dt.UTC).strftime("%H:%M:%S")
 
 
 def number(value: int) -> str:
@@ -102,9 +109,12 @@ def environment() -> jinja2.Environment:
     env.filters["ago"] = ago
     env.filters["stamp"] = stamp
     env.filters["number"] = number
+    env.filters["clock"] = clock
+    env.filters["seconds"] = seconds
     env.filters["merge"] = merge
     env.filters["pyrepr"] = pyrepr
     env.globals["segments"] = segments
+    env.globals["stage_span"] = stage_duration
     env.globals["limit"] = GROUP_SORT_LIMIT
     return env
 

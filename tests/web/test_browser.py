@@ -1,6 +1,7 @@
 """A real headless Chromium on a real uvicorn server, with a real Redis and real arq workers:
 click through groups -> group -> stage -> job, press Initiate on a pending stage and watch
-it run, confirm a deletion; screenshot each page (the README's are in docs/img/)."""
+it run, confirm a deletion, watch the timeline grow, cancel a group; screenshot each page
+(the README's are in docs/img/)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ async def server(redis: ArqRedis) -> AsyncIterator[str]:
 
 async def make_groups(redis: ArqRedis) -> tuple[astages.StagedGroup, astages.StagedGroup]:
     """A pending import (stage 1 to run from the browser) and a running thumbnail group."""
-    thumbs = await astages.StagedGroup.create(redis, "Thumbnails for November")
+    thumbs = await astages.StagedGroup.create(redis, "Thumbnails for November", keep_for=600)
     t1 = await thumbs.stage(1)
     for i in range(8):
         await t1.enqueue_to(SLOW_QUEUE, thumbnail, i)
@@ -212,13 +213,27 @@ async def test_click_through_and_initiate_in_chromium(
             await expect(page.locator("h1")).to_have_text("Staged groups")
             assert not await photos.exists()
             # Live figures: the running group's page follows its jobs without reloading.
+            # Its timeline gains the new events as they happen.
             await page.goto(f"{base}/groups/{thumbs.id}")
             await page.evaluate("window.notReloaded = true")
+            timeline = page.locator(".timeline")
+            await expect(timeline.get_by_role("link", name="stage 2", exact=True)).to_have_count(0)
             RELEASE["thumbnails"].set()
             await expect(page.locator("[data-live='by_number.1.status']")).to_have_text("complete", timeout=15_000)
             await expect(page.locator("[data-live='by_number.1.progress.successful']")).to_have_text("7")
             await expect(page.locator("[data-live='by_number.2.progress.queued']")).to_have_text("1")
+            await expect(timeline.get_by_role("link", name="stage 2", exact=True)).to_have_count(1)
+            await expect(timeline.locator("tr", has_text="photo 2 is not an image")).to_have_count(1)
             assert await page.evaluate("window.notReloaded === true")
+
+            # Cancel Group (it asks first): the kept group shows its outcome, failed job linked.
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await page.get_by_role("button", name="Cancel Group").click()
+            await expect(page.locator(".flash")).to_contain_text("1 job cancelled; the group ended (cancelled)")
+            await expect(page.locator(".outcome h2 .badge")).to_have_text("cancelled")
+            await expect(page.locator(".failed-jobs a")).to_have_count(1)
+            assert await thumbs.status() is astages.GroupStatus.CANCELLED
+            await shoot(page, shots, "group-ended.png")
             assert errors == []
         finally:
             RELEASE["thumbnails"].set()

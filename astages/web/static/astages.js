@@ -82,6 +82,89 @@
     });
   }
 
+  // The group page's timeline: new events are appended while its page has room; then
+  // a "Newer" link leads on (the timeline pages forward by stream id, oldest first).
+  var timeline = document.querySelector("[data-events-url]");
+
+  function badge(status) {
+    var span = document.createElement("span");
+    span.className = "badge st-" + status;
+    span.textContent = status;
+    return span;
+  }
+
+  function eventRow(event) {
+    var row = document.createElement("tr");
+    row.setAttribute("data-event", event.id);
+    var when = document.createElement("td");
+    when.className = "small";
+    var time = document.createElement("time");
+    time.setAttribute("datetime", event.at);
+    time.title = event.at.slice(0, 10) + " " + event.at.slice(11, 19) + " UTC";
+    time.textContent = event.at.slice(11, 19);
+    when.appendChild(time);
+    var what = document.createElement("td");
+    if (event.url) {
+      var link = document.createElement("a");
+      link.href = event.url;
+      link.textContent = event.label;
+      what.appendChild(link);
+    } else {
+      what.textContent = event.label;
+    }
+    var change = document.createElement("td");
+    if (event.from) {
+      change.appendChild(badge(event.from));
+      var arrow = document.createElement("span");
+      arrow.className = "muted";
+      arrow.textContent = " → ";
+      change.appendChild(arrow);
+    }
+    change.appendChild(badge(event.to));
+    var details = document.createElement("td");
+    details.className = "message";
+    details.textContent = event.note;
+    if (event.error) {
+      var error = document.createElement("code");
+      error.className = "error";
+      error.textContent = event.error;
+      error.title = event.details.error || "";
+      details.appendChild(document.createTextNode(" "));
+      details.appendChild(error);
+    }
+    [when, what, change, details].forEach(function (cell) { row.appendChild(cell); });
+    return row;
+  }
+
+  function events() {
+    if (!timeline) return Promise.resolve();
+    var room = parseInt(timeline.getAttribute("data-room"), 10) || 0;
+    var after = timeline.getAttribute("data-after");
+    var query = "?count=" + Math.max(room, 1) + (after ? "&after=" + encodeURIComponent(after) : "");
+    return fetch(timeline.getAttribute("data-events-url") + query, {
+      headers: { accept: "application/json" }, credentials: "same-origin"
+    })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (data) {
+        if (!data) return;
+        var shown = room > 0 ? data.events : [];
+        var body = timeline.querySelector("tbody");
+        shown.forEach(function (event) { body.appendChild(eventRow(event)); });
+        if (shown.length) {
+          timeline.querySelector("table").hidden = false;
+          timeline.querySelector(".events-empty").hidden = true;
+          after = shown[shown.length - 1].id;
+          timeline.setAttribute("data-after", after);
+          timeline.setAttribute("data-room", String(room - shown.length));
+        }
+        var newer = timeline.querySelector("a.newer");
+        if (newer && (data.more || (room <= 0 && data.count > 0))) {
+          newer.href = timeline.getAttribute("data-page") + "?after=" + encodeURIComponent(after) + "#timeline";
+          newer.hidden = false;
+        }
+      });
+  }
+
   function gone() {
     var notice = document.querySelector(".gone-notice");
     if (notice) {
@@ -103,7 +186,7 @@
         if (data === null) return;
         apply(index(data));
         if (data.live) {
-          window.setTimeout(poll, every);
+          return events().then(function () { window.setTimeout(poll, every); });
         } else {
           // The work is over: load the final page once (results, buttons).
           window.location.reload();

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import arq.worker
@@ -13,6 +14,16 @@ import astages
 from astages import Cleaner, JobStatus, StagedGroup, StageStatus, Sweeper
 from astages._scripts import SEND_LIMIT
 from astages.sweeper import suspects_key, sweep
+
+
+async def stop_when_idle(worker, task) -> None:
+    """Stop an in-process worker once its job tasks have ended (arq's close() cancels a job
+    still doing its bookkeeping, and re-raises the CancelledError)."""
+    if worker.tasks:
+        await asyncio.wait(list(worker.tasks.values()), timeout=10)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await worker.close()
 
 
 async def work(ctx, tag, fail=False):
@@ -78,8 +89,7 @@ async def test_function_not_found_fails_the_job_and_the_group_moves_on(real_redi
 
         await wait_for(gone, within=10, what="the sweeper to finish the group")
     finally:
-        task.cancel()
-        await worker.close()
+        await stop_when_idle(worker, task)
     assert await real_redis.keys("astages:*") == []
 
 
@@ -216,8 +226,7 @@ async def test_worker_sweeper_starts_stops_and_keeps_user_hooks(real_redis):
         await wait_for(gone, within=10, what="the worker's sweeper to fail the lost job")
         sweeper_task = worker.ctx["astages_sweeper"]
     finally:
-        task.cancel()
-        await worker.close()
+        await stop_when_idle(worker, task)
     assert calls == ["startup", "shutdown"]
     assert sweeper_task.done()
     assert await real_redis.keys("astages:*") == []

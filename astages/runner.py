@@ -21,7 +21,8 @@ command therefore needs a process supervisor to restart it.
 ``reconnecting(settings)`` gives a ``RedisSettings`` a reconnect-and-retry policy unless
 the user set one (``astages.worker_settings`` applies it too, so the plain ``arq``
 command gets it): a command that fails on a dropped connection reconnects and is sent
-again. Every astages script is safe to repeat (idempotent per job and try).
+again. Every astages script a worker runs (start, report, settle, send on) is safe to
+repeat: idempotent per job and try.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@
   var url = body.getAttribute("data-live-url");
   if (!url) return;
   var every = parseInt(body.getAttribute("data-poll-ms"), 10) || 2000;
+  // Once an action's form is sent, this page is on its way out: no more polls, and no
+  // reload that could overtake the action's own redirect (and its message).
+  var leaving = false;
+  document.addEventListener("submit", function () { leaving = true; }, true);
   var flag = document.querySelector(".live-flag");
   if (flag) flag.hidden = false;
   var ORDER = ["successful", "failed", "cancelled", "running", "pending_re_run", "queued", "pending"];
@@ -175,6 +179,7 @@
   }
 
   function poll() {
+    if (leaving) return;
     if (document.hidden) { window.setTimeout(poll, every); return; }
     fetch(url, { headers: { accept: "application/json" }, credentials: "same-origin" })
       .then(function (response) {
@@ -183,7 +188,7 @@
         return response.json();
       })
       .then(function (data) {
-        if (data === null) return;
+        if (data === null || leaving) return;
         apply(index(data));
         if (data.live) {
           return events().then(function () { window.setTimeout(poll, every); });

@@ -17,9 +17,10 @@ from arq.connections import ArqRedis
 from arq.constants import expires_extra_ms as ARQ_EXPIRES_EXTRA_MS
 from arq.constants import job_key_prefix as ARQ_JOB_KEY_PREFIX
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from astages._keys import Keys
-from astages.exceptions import GroupFinished, GroupNotFound, StageComplete, StageNotFound
+from astages.exceptions import CorruptRecord, GroupFinished, GroupNotFound, StageComplete, StageNotFound
 
 # How many jobs one script call hands to arq: a bigger stage is sent in chunks, so
 # Redis is never blocked for long (about 5 ms per 1,000 jobs).
@@ -88,7 +89,12 @@ class Store:
         """Run script ``name`` for ``group_id`` with its own ``args`` (ARGV[5..])."""
         keys = (self.keys.group(group_id), self.keys.index)
         argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, *args)
-        return await SCRIPTS[name](keys=keys, args=argv, client=self.redis)
+        try:
+            return await SCRIPTS[name](keys=keys, args=argv, client=self.redis)
+        except ResponseError as e:
+            if "WRONGTYPE" in str(e):  # a key of the group holds data astages did not write
+                raise CorruptRecord(keys[0], f"{name}: {e}") from e
+            raise
 
     async def move(self, name: str, group_id: str, *args: Any) -> Motion:
         """Run a transition that may move the group on, and finish sending a big stage."""

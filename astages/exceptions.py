@@ -11,6 +11,7 @@ AstagesError
 ├── InvalidJobFunction     neither a function name nor a coroutine function
 ├── InvalidStatusMessage   a status message that is not a str, or too long
 ├── InvalidQueue           a queue name astages cannot store
+├── InvalidSchedule        a time or delay that is not one
 ├── CorruptRecord          data under an astages key that astages did not write
 └── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
 """
@@ -24,6 +25,7 @@ __all__ = [
     "GroupNotFound",
     "InvalidJobFunction",
     "InvalidQueue",
+    "InvalidSchedule",
     "InvalidStageNumber",
     "InvalidStatusMessage",
     "JobNotFound",
@@ -116,6 +118,12 @@ class InvalidQueue(AstagesError, ValueError):
     def __init__(self, queue: object) -> None:
         self.queue = queue
         super().__init__(f"a queue name must be a non-empty str, not {queue!r}")
+
+
+class InvalidSchedule(AstagesError, TypeError):
+    def __init__(self, value: object, expected: str) -> None:
+        self.value = value
+        super().__init__(f"{expected}, not {type(value).__name__} ({value!r})")
 
 
 class CorruptRecord(AstagesError):

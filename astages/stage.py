@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from arq.worker import Function
 
 from astages._keys import JobRef
 from astages._scripts import Motion, Store, raise_code, text
-from astages.exceptions import InvalidJobFunction, InvalidQueue, StageNotFound
+from astages.exceptions import InvalidJobFunction, InvalidQueue, InvalidSchedule, StageNotFound
 from astages.job import StagedJob
 from astages.models import (
     FailurePolicy,
@@ -57,7 +58,9 @@ def function_name(function: object) -> str:
 def _seconds_ms(value: dt.timedelta | float | int) -> int:
     if isinstance(value, dt.timedelta):
         return int(value.total_seconds() * 1000)
-    return int(float(value) * 1000)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidSchedule(value, "a delay is a timedelta or a number of seconds")
+    return int(value * 1000)
 
 
 def _at_ms(value: dt.datetime | float | int) -> int:
@@ -65,7 +68,9 @@ def _at_ms(value: dt.datetime | float | int) -> int:
         if value.tzinfo is None:
             value = value.astimezone()
         return int(value.timestamp() * 1000)
-    return int(float(value) * 1000)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidSchedule(value, "a time is a datetime or epoch seconds")
+    return int(value * 1000)
 
 
 def make_spec(
@@ -195,7 +200,8 @@ class StagedGroupStage:
         return make_spec(self._store, function, args, kwargs, schedule)
 
     async def _record(self, batch: list[tuple[bytes, StagedJob]]) -> list[StagedJob]:
-        reply = await self._store.run("enqueue", self.group.id, self.number, *(spec for spec, _ in batch))
+        token = secrets.token_hex(8)  # makes a repeated call (lost reply, retried) harmless
+        reply = await self._store.run("enqueue", self.group.id, self.number, token, *(spec for spec, _ in batch))
         raise_code(reply, self.group.id, self.number)
         first = int(reply[0])
         for i, (_, job) in enumerate(batch):

@@ -371,3 +371,14 @@ async def test_stage_info_and_get_stage(redis):
         await group.get_stage(1)
     with pytest.raises(astages.StageNotFound):
         await s1.info()
+
+
+@pytest.mark.parametrize(
+    ("method", "value"), [("enqueue_at", "tomorrow"), ("enqueue_in", "soon"), ("enqueue_in", None)]
+)
+async def test_bad_schedule(redis, method, value):
+    """A time or delay that is not one is InvalidSchedule, and nothing is recorded."""
+    stage = await (await StagedGroup.create(redis, "when")).stage(1)
+    with pytest.raises(astages.InvalidSchedule):
+        await getattr(stage, method)(value, work, 1)
+    assert await stage.num_jobs() == 0

@@ -143,7 +143,7 @@ async def test_every_script_survives_script_flush(real_redis, name):
     args = {
         "create_group": ("desc", 1),
         "ensure_stage": (7,),
-        "enqueue": (1,),
+        "enqueue": (1, "token"),
         "initiate_stage": (1,),
         "start_job": (1, ref.seq, 1),
         "finish_job": (1, ref.seq, 1, "e", ""),
@@ -157,3 +157,24 @@ async def test_every_script_survives_script_flush(real_redis, name):
     }.get(name, ())
     await store.run(name, group.id, *args)
     assert await real_redis.script_exists(SCRIPTS[name].sha) == [True]
+
+
+async def test_repeated_enqueue_call_records_once(redis):
+    """A recording call repeated with its token (reply lost, retried) adds no job."""
+    group = await StagedGroup.create(redis, "retry-safe")
+    stage = await group.stage(1)
+    spec, _ = stage._spec(work, (1,), {}, astages.models.Schedule())
+    first = await group.store.run("enqueue", group.id, 1, "tok-1", spec)
+    again = await group.store.run("enqueue", group.id, 1, "tok-1", spec)
+    assert first == again and await stage.num_jobs() == 1
+    other = await group.store.run("enqueue", group.id, 1, "tok-2", spec)
+    assert int(other[0]) == int(first[0]) + 1 and await stage.num_jobs() == 2
+
+
+async def test_wrong_type_under_a_group_key_is_corrupt_record(redis):
+    """Data of the wrong type planted under a group's key gives CorruptRecord, not WRONGTYPE."""
+    group = await StagedGroup.create(redis, "planted")
+    await redis.delete(f"astages:{{{group.id}}}:stages")
+    await redis.set(f"astages:{{{group.id}}}:stages", "not a sorted set")
+    with pytest.raises(astages.CorruptRecord, match="not written by astages"):
+        await group.initiate()

@@ -132,20 +132,9 @@ class StagedGroup:
         return cls(store, group_id, description, ms_to_datetime(created))
 
     @classmethod
-    def within_a_grouping(
-        cls,
-        redis: ArqRedis,
-        description: str = "",
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        keep_for: float = 0,
-        events: int = DEFAULT_EVENTS,
-        failure_policy: FailurePolicy | str | None = None,
-    ) -> _Grouping:
-        """Same as ``astages.within_a_grouping``."""
-        return within_a_grouping(
-            redis, description, prefix=prefix, keep_for=keep_for, events=events, failure_policy=failure_policy
-        )
+    def within_a_grouping(cls, redis: ArqRedis, description: str = "", **options: Any) -> _Grouping:
+        """Same as ``astages.within_a_grouping`` (same options)."""
+        return within_a_grouping(redis, description, **options)
 
     @classmethod
     async def load(cls, redis: ArqRedis, group_id: str, *, prefix: str = DEFAULT_PREFIX) -> StagedGroup:

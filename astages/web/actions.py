@@ -21,6 +21,7 @@ from astages.exceptions import AstagesError, GroupNotFound, JobNotFound, StageNo
 from astages.group import StagedGroup
 from astages.job import StagedJob
 from astages.models import GroupStatus, GroupSummary
+from astages.stage import StagedGroupStage
 from astages.web._shared import stage_of
 from astages.web.security import CSRF_COOKIE, CSRF_FIELD, FLASH_COOKIE, cookie_path, safe_next, same_origin
 from astages.web.templating import render, url
@@ -115,8 +116,10 @@ def _moved(motion: Motion, what: str) -> str:
     return f"{what}."
 
 
-async def _group(store: Store, group_id: str) -> StagedGroup:
-    return await StagedGroup.load(store.redis, group_id, prefix=store.keys.prefix)
+async def _group(request: Request) -> StagedGroup:
+    """The group the path names (GroupNotFound when it is gone)."""
+    store = _dashboard(request).store
+    return await StagedGroup.load(store.redis, request.path_params["group_id"], prefix=store.keys.prefix)
 
 
 # -- all groups ------------------------------------------------------------------------------
@@ -199,11 +202,8 @@ async def purge(request: Request) -> Response:
 
 
 async def initiate_group(request: Request) -> Response:
-    store = _dashboard(request).store
-    group_id = request.path_params["group_id"]
-
     async def work() -> Outcome:
-        group = await _group(store, group_id)
+        group = await _group(request)
         motion = await group.initiate()
         return Outcome(
             _moved(motion, f"Initiated {group.description!r}"), go=url(request, "groups") if motion.finished else None
@@ -213,11 +213,8 @@ async def initiate_group(request: Request) -> Response:
 
 
 async def delete_group(request: Request) -> Response:
-    store = _dashboard(request).store
-    group_id = request.path_params["group_id"]
-
     async def work() -> Outcome:
-        group = await _group(store, group_id)
+        group = await _group(request)
         await group.delete()
         return Outcome(f"Deleted group {group.description!r}.", go=url(request, "groups"))
 
@@ -226,10 +223,9 @@ async def delete_group(request: Request) -> Response:
 
 async def cancel_group(request: Request) -> Response:
     store = _dashboard(request).store
-    group_id = request.path_params["group_id"]
 
     async def work() -> Outcome:
-        group = await _group(store, group_id)
+        group = await _group(request)
         status = await group.status()
         if status.ended:
             return Outcome(f"Nothing done: group {group.description!r} had already ended ({status.value}).", "error")
@@ -304,50 +300,43 @@ def _ended(summary: GroupSummary | None, kept: bool) -> str:
 # -- a stage -----------------------------------------------------------------------------
 
 
-def _stage_params(request: Request) -> tuple[str, int | None]:
-    return request.path_params["group_id"], _number(request.path_params["number"])
+async def _stage(request: Request) -> tuple[StagedGroup, StagedGroupStage]:
+    """The group the path names (GroupNotFound when it is gone, or for a stage number
+    that is not a number) and a handle on its stage."""
+    store = _dashboard(request).store
+    group_id, number = request.path_params["group_id"], _number(request.path_params["number"])
+    if number is None:
+        raise GroupNotFound(group_id)
+    return await _group(request), stage_of(store, group_id, number)
 
 
 async def initiate_stage(request: Request) -> Response:
-    store = _dashboard(request).store
-    group_id, number = _stage_params(request)
-
     async def work() -> Outcome:
-        if number is None:
-            raise GroupNotFound(group_id)
-        await _group(store, group_id)
-        motion = await stage_of(store, group_id, number).initiate()
+        _, stage = await _stage(request)
+        motion = await stage.initiate()
         return Outcome(
-            _moved(motion, f"Initiated stage {number}"), go=url(request, "groups") if motion.finished else None
+            _moved(motion, f"Initiated stage {stage.number}"), go=url(request, "groups") if motion.finished else None
         )
 
     return await _act(request, work)
 
 
 async def delete_stage(request: Request) -> Response:
-    store = _dashboard(request).store
-    group_id, number = _stage_params(request)
-
     async def work() -> Outcome:
-        if number is None:
-            raise GroupNotFound(group_id)
-        await _group(store, group_id)
-        motion = await stage_of(store, group_id, number).delete()
-        go = url(request, "groups") if motion.finished else url(request, "group", group_id=group_id)
-        return Outcome(_moved(motion, f"Deleted stage {number}"), go=go)
+        group, stage = await _stage(request)
+        motion = await stage.delete()
+        go = url(request, "groups") if motion.finished else url(request, "group", group_id=group.id)
+        return Outcome(_moved(motion, f"Deleted stage {stage.number}"), go=go)
 
     return await _act(request, work, confirm="Delete this stage and all its jobs?")
 
 
 async def cancel_stage(request: Request) -> Response:
     store = _dashboard(request).store
-    group_id, number = _stage_params(request)
 
     async def work() -> Outcome:
-        if number is None:
-            raise GroupNotFound(group_id)
-        group = await _group(store, group_id)
-        stage = stage_of(store, group_id, number)
+        group, stage = await _stage(request)
+        number = stage.number
         await stage.status()  # StageNotFound before anything is counted
         count, summary, kept = await _cancelling(store, group, number, stage.cancel)
         after = _ended(summary, kept)
@@ -375,12 +364,11 @@ async def cancel_stage(request: Request) -> Response:
 
 async def _job(request: Request) -> StagedJob:
     store = _dashboard(request).store
-    group_id, number = _stage_params(request)
+    group, stage = await _stage(request)
     seq = _number(request.path_params["seq"])
-    if number is None or seq is None:
-        raise GroupNotFound(group_id)
-    await _group(store, group_id)
-    return await StagedJob.load(store.redis, store.keys.job_id(group_id, number, seq), prefix=store.keys.prefix)
+    if seq is None:
+        raise GroupNotFound(group.id)
+    return await StagedJob.load(store.redis, store.keys.job_id(group.id, stage.number, seq), prefix=store.keys.prefix)
 
 
 async def queue_job(request: Request) -> Response:

@@ -23,10 +23,10 @@ GROUP_SORT_LIMIT = 5_000
 GROUP_SORTS = ("created", "description", "stages", "progress")
 
 
-@dataclass(frozen=True, slots=True)
-class StageRow:
-    """A stage as its hash says: what ``stage.info()`` returns, from the same one read."""
+class StageView:
+    """``number``, ``status`` and ``progress`` of the stage whose ``info`` a row or page holds."""
 
+    __slots__ = ()
     info: StageInfo
 
     @property
@@ -40,6 +40,13 @@ class StageRow:
     @property
     def progress(self) -> StageProgress:
         return self.info.progress
+
+
+@dataclass(frozen=True, slots=True)
+class StageRow(StageView):
+    """A stage as its hash says: what ``stage.info()`` returns, from the same one read."""
+
+    info: StageInfo
 
     def as_json(self) -> dict[str, Any]:
         return {

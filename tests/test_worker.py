@@ -9,7 +9,7 @@ import arq
 import pytest
 from arq import Retry
 from arq.constants import default_queue_name
-from conftest import run_burst
+from helpers import run_burst
 
 import astages
 from astages import JobStatus, StagedGroup

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +11,8 @@ from pathlib import Path
 import arq.worker
 import pytest
 from arq.connections import RedisSettings, create_pool
-from conftest import Server, wait_for
+from conftest import Server
+from helpers import stop_when_idle, wait_for
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,16 +22,6 @@ import astages
 from astages.runner import HardenedWorker, reconnecting
 
 HERE = Path(__file__).parent
-
-
-async def stop_when_idle(worker, task) -> None:
-    """Stop an in-process worker once its job tasks have ended (arq's close() cancels a job
-    still doing its bookkeeping, and re-raises the CancelledError)."""
-    if worker.tasks:
-        await asyncio.wait(list(worker.tasks.values()), timeout=10)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.close()
 
 
 RUNS: list[str] = []

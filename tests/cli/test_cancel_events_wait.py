@@ -20,7 +20,7 @@ from cli_helpers import (
     on_redis,
 )
 from click.testing import CliRunner
-from conftest import wait_for
+from helpers import wait_for
 
 import astages
 from astages._board import Board, StageRow

@@ -4,11 +4,10 @@ error or a clear job failure, never a stuck group or a crashed worker (real Redi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import arq.worker
 import pytest
-from conftest import run_burst, wait_for
+from helpers import run_burst, stop_when_idle, wait_for
 from redis.exceptions import ResponseError
 
 import astages
@@ -29,16 +28,6 @@ from astages import (
 )
 
 OUTCOMES: dict[str, str] = {}
-
-
-async def stop_when_idle(worker, task) -> None:
-    """Stop an in-process worker once its job tasks have ended (arq's close() cancels a job
-    still doing its bookkeeping, and re-raises the CancelledError)."""
-    if worker.tasks:
-        await asyncio.wait(list(worker.tasks.values()), timeout=10)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.close()
 
 
 async def work(ctx, tag):

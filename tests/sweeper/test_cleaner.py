@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from arq.constants import default_queue_name, job_key_prefix
-from conftest import run_burst
+from helpers import run_burst
 
 import astages
 from astages import Cleaner, CleanupReport, JobStatus, StagedGroup, StageStatus

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import arq.worker
 from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
-from conftest import wait_for
+from helpers import stop_when_idle, wait_for
 
 import astages
 from astages import Cleaner, JobStatus, StagedGroup, StageStatus, Sweeper
 from astages._scripts import SEND_LIMIT
 from astages.sweeper import suspects_key, sweep
-
-
-async def stop_when_idle(worker, task) -> None:
-    """Stop an in-process worker once its job tasks have ended (arq's close() cancels a job
-    still doing its bookkeeping, and re-raises the CancelledError)."""
-    if worker.tasks:
-        await asyncio.wait(list(worker.tasks.values()), timeout=10)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.close()
 
 
 async def work(ctx, tag, fail=False):

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from arq import func
 from arq.connections import ArqRedis
-from conftest import run_burst
+from helpers import run_burst
 
 import astages
 from astages import GroupStatus, JobStatus, StageStatus

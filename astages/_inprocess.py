@@ -260,19 +260,6 @@ class GroupTimeout(AstagesError, TimeoutError):
 
 
 @dataclass(slots=True)
-class _Entry:
-    function: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    status: JobStatus
-    tries: int
-    message: str
-    error: str | None
-    started_at: float
-    finished_at: float
-
-
-@dataclass(slots=True)
 class _Recorder:
     """Collects the outcome of every run of the group's jobs (see the module docstring)."""
 
@@ -281,7 +268,7 @@ class _Recorder:
     group_id: str
     retry_jobs: bool
     user_hook: Hook | None
-    entries: dict[str, _Entry] = field(default_factory=dict)
+    entries: dict[str, JobOutcome] = field(default_factory=dict)
 
     def inner(self, function: Function) -> Function:
         """Wrap the user's function: note the call and read the message once it ends."""
@@ -355,7 +342,10 @@ class _Recorder:
         previous = self.entries.get(job_id)
         if previous is not None and previous.tries > job_try:
             return
-        self.entries[job_id] = _Entry(
+        self.entries[job_id] = JobOutcome(
+            id=job_id,
+            stage=ref.stage,
+            seq=ref.seq,
             function=name,
             args=tuple(args),
             kwargs=dict(kwargs),
@@ -379,27 +369,7 @@ class _Recorder:
         return JobStatus.FAILED, describe_error(error) if isinstance(error, BaseException) else str(error)
 
     def outcomes(self) -> tuple[JobOutcome, ...]:
-        rows = []
-        for job_id, entry in self.entries.items():
-            ref = self.keys.parse_job_id(job_id)
-            assert ref is not None
-            rows.append(
-                JobOutcome(
-                    id=job_id,
-                    stage=ref.stage,
-                    seq=ref.seq,
-                    function=entry.function,
-                    args=entry.args,
-                    kwargs=entry.kwargs,
-                    status=entry.status,
-                    tries=entry.tries,
-                    message=entry.message,
-                    error=entry.error,
-                    started_at=entry.started_at,
-                    finished_at=entry.finished_at,
-                )
-            )
-        return tuple(sorted(rows, key=lambda job: (job.stage, job.seq)))
+        return tuple(sorted(self.entries.values(), key=lambda job: (job.stage, job.seq)))
 
 
 def _as_function(function: Callable[..., Any] | Function) -> Function:

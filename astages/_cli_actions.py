@@ -9,6 +9,7 @@ import click
 from arq.connections import ArqRedis
 
 from astages._ending import EndListener
+from astages._inprocess import safe_url
 from astages.cli import (
     CommandError,
     echo_json,
@@ -17,7 +18,6 @@ from astages.cli import (
     main,
     redis_options,
     run_async,
-    safe_url,
     with_redis,
 )
 from astages.exceptions import GroupNotFound

@@ -26,8 +26,8 @@ from astages.cli import (
     outcome_line,
     redis_options,
     run_async,
-    secs,
     short,
+    stages_table,
     summary_dict,
     table,
     when,
@@ -290,22 +290,9 @@ def wait_command(redis_url: str, prefix: str, group_id: str, timeout: float | No
         echo_json(summary_dict(summary))
     else:
         click.echo(f"group {summary.group_id}  {summary.description!r}  ended {outcome_line(summary)}")
-        rows = [
-            (
-                s["number"],
-                s["status"],
-                s["jobs"],
-                s["successful"],
-                s["failed"],
-                s["cancelled"],
-                s["retried"],
-                secs(s["duration"]),
-            )
-            for s in summary_dict(summary)["stages"]
-        ]
-        if rows:
-            headers = ["STAGE", "STATUS", "JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
-            click.echo(table(headers, rows, (0, 2, 3, 4, 5, 6, 7)))
+        stages = summary_dict(summary)["stages"]
+        if stages:
+            click.echo(stages_table(stages))
         failed_jobs = failed_jobs_line(summary)
         if failed_jobs:
             click.echo(failed_jobs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from astages._board import Board
+from astages._inprocess import safe_url
 from astages.cli import (
     CommandError,
     echo_json,
@@ -12,9 +13,7 @@ from astages.cli import (
     main,
     redis_options,
     run_async,
-    safe_url,
-    secs,
-    table,
+    stages_table,
 )
 from astages.group import StagedGroup
 
@@ -88,22 +87,8 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
         echo_json(result.as_dict())
         return
     data = result.as_dict()
-    rows = [
-        (
-            s["stage"],
-            s["name"],
-            s["jobs"],
-            s["successful"],
-            s["failed"],
-            s["cancelled"],
-            s["retried"],
-            secs(s["duration"]),
-        )
-        for s in data["stages"]
-    ]
     click.echo()
-    headers = ["STAGE", "NAME", "JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
-    click.echo(table(headers, rows, (0, 2, 3, 4, 5, 6, 7)))
+    click.echo(stages_table(data["stages"], number="stage", label="name"))
     click.echo()
     failures = "; ".join(f["error"] for f in data["failures"]) or "none"
     cancelled = f", {data['cancelled']} cancelled" if data["cancelled"] else ""

@@ -58,6 +58,7 @@ __all__ = [
     "connect",
     "fake_redis",
     "run_group",
+    "safe_url",
 ]
 
 # ctx keys of the harness (one ctx dict per job run, shared by the wrappers and hooks).
@@ -113,6 +114,14 @@ async def connect(url: str | None, *, default_queue_name: str = default_queue_na
     settings.conn_retries = 0
     settings.conn_timeout = 2
     return await create_pool(settings, default_queue_name=default_queue_name)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password (to show where a command or the demo runs)."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 # -- results --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from astages import __version__
 from astages._board import seconds
-from astages._inprocess import connect
+from astages._inprocess import connect, safe_url
 from astages._keys import DEFAULT_PREFIX
 from astages.exceptions import AstagesError, GroupNotFound
 from astages.group import StagedGroup
@@ -81,14 +81,6 @@ def run_async(coroutine: Coroutine[Any, Any, T], redis_url: str | None = None) -
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 async def with_redis(url: str, action: Callable[[ArqRedis], Awaitable[T]]) -> T:
@@ -183,6 +175,26 @@ def summary_dict(summary: GroupSummary) -> dict[str, Any]:
         ],
         "failed_jobs": list(summary.failed_jobs),
     }
+
+
+def stages_table(stages: Sequence[Mapping[str, Any]], *, number: str = "number", label: str = "status") -> str:
+    """Per stage (dicts with the keys ``number`` and ``label`` name, jobs, successful,
+    failed, cancelled, retried and duration): its counts and how long it took."""
+    rows = [
+        (
+            s[number],
+            s[label],
+            s["jobs"],
+            s["successful"],
+            s["failed"],
+            s["cancelled"],
+            s["retried"],
+            secs(s["duration"]),
+        )
+        for s in stages
+    ]
+    headers = ["STAGE", label.upper(), "JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
+    return table(headers, rows, (0, 2, 3, 4, 5, 6, 7))
 
 
 def outcome_line(summary: GroupSummary) -> str:

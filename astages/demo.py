@@ -28,7 +28,7 @@ from arq.connections import ArqRedis
 
 from astages import _board
 from astages._ending import EndListener
-from astages._inprocess import GroupRun, connect, run_group
+from astages._inprocess import GroupRun, connect, run_group, safe_url
 from astages.group import StagedGroup, within_a_grouping
 from astages.job import StagedJob
 from astages.models import GroupSummary, JobStatus, StageProgress
@@ -242,7 +242,7 @@ async def run_demo(
         if board is not None:
             board.draw(_board.ended_rows(ending, STAGES) if ending else _final_rows(run))
         left_over = len(await redis.keys("astages:{" + group.id + "}*"))
-        return DemoResult(run, "fakeredis (in memory)" if not url else _safe(url), left_over, ending)
+        return DemoResult(run, "fakeredis (in memory)" if not url else safe_url(url), left_over, ending)
     finally:
         await redis.aclose()
 
@@ -286,11 +286,3 @@ def _final_rows(run: GroupRun) -> list[_board.StageRow]:
         progress = StageProgress(successful=summary.successful, failed=summary.failed, retried=summary.retried)
         out.append(_board.StageRow(summary.number, "complete", progress, STAGES.get(summary.number, "")))
     return out
-
-
-def _safe(url: str) -> str:
-    """The URL without its password."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -8,8 +8,8 @@ from typing import Any
 import click
 from arq.connections import ArqRedis
 
+from astages._connection import safe_url
 from astages._ending import EndListener
-from astages._inprocess import safe_url
 from astages.cli import (
     CommandError,
     echo_json,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from astages._board import Board
-from astages._inprocess import safe_url
+from astages._connection import safe_url
 from astages.cli import (
     CommandError,
     echo_json,

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from astages import __version__
 from astages._board import seconds
-from astages._inprocess import connect, safe_url
+from astages._connection import connect, safe_url
 from astages._keys import DEFAULT_PREFIX
 from astages.exceptions import AstagesError, GroupNotFound
 from astages.group import StagedGroup

@@ -27,8 +27,9 @@ from arq import Retry
 from arq.connections import ArqRedis
 
 from astages import _board
+from astages._connection import connect, safe_url
 from astages._ending import EndListener
-from astages._inprocess import GroupRun, connect, run_group, safe_url
+from astages._inprocess import GroupRun, run_group
 from astages.group import StagedGroup, within_a_grouping
 from astages.job import StagedJob
 from astages.models import GroupSummary, JobStatus, StageProgress

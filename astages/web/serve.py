@@ -78,7 +78,7 @@ async def serve(settings: WebSettings) -> None:
     """Connect to Redis and serve the dashboard until interrupted."""
     import uvicorn
 
-    from astages._inprocess import connect
+    from astages._connection import connect
     from astages.web.app import create_app
 
     redis = await connect(settings.redis_url)

@@ -13,7 +13,7 @@ import redis as sync_redis
 from arq.connections import ArqRedis
 
 import astages
-from astages._inprocess import connect
+from astages._connection import connect
 
 T = TypeVar("T")
 

@@ -1,0 +1,61 @@
+"""Target 6: the staged workload on 1, 2 and 4 worker processes.
+
+Each worker count runs astages (3 stages, one ``stage.enqueue`` per job) and plain arq
+(stage by stage, and with no stages), one side at a time so the other side's idle
+workers do not poll beside it. Every run is checked for jobs run twice or missing and
+for a stage starting before the previous one ended; worker logs are checked for errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import Config, Table
+from benchmarks.throughput import measure
+
+ASTAGES = ["astages"]
+PLAIN = ["arq, stage by stage", "arq, no stages (floor)"]
+
+
+async def run(cfg: Config) -> list[Table]:
+    stages, per_stage = 3, cfg.size(1000, 200)
+    reps = Config(url=cfg.url, quick=cfg.quick, reps=1 if cfg.quick else min(cfg.reps, 3), scale=cfg.scale)
+    counts = cfg.workers
+    results: dict[int, dict[str, Any]] = {}
+    for k in counts:
+        res = await measure(reps, stages, per_stage, workers=k, variants=PLAIN)
+        res_a = await measure(reps, stages, per_stage, workers=k, variants=ASTAGES)
+        errors = res.pop("_errors") + res_a.pop("_errors")
+        warnings = res.pop("_warnings") + res_a.pop("_warnings")
+        results[k] = {**res, **res_a, "_errors": errors, "_warnings": warnings}
+    t = Table(
+        f"Scale-out: {stages} x {per_stage:,} jobs on {', '.join(map(str, counts))} worker processes "
+        f"(jobs/s, median of {reps.reps})",
+        [
+            "workers",
+            "astages",
+            "arq stage by stage",
+            "arq no stages",
+            "astages / arq time",
+            "run twice",
+            "order broken",
+            "errors",
+        ],
+    )
+    for k, res in results.items():
+        a, p, f = res["astages"], res["arq, stage by stage"], res["arq, no stages (floor)"]
+        t.rows.append(
+            [
+                k,
+                a["jobs_per_s"],
+                p["jobs_per_s"],
+                f["jobs_per_s"],
+                round(a["median_s"] / p["median_s"], 3),
+                a["wrong_count"] + a["missing"] + p["wrong_count"] + p["missing"],
+                a["overlaps"] + p["overlaps"],
+                len(res["_errors"]),
+            ]
+        )
+    t.notes.append("the machine has 2 cores shared by the client, the workers and Redis")
+    t.data = {str(k): {name: r for name, r in res.items()} for k, res in results.items()}
+    return [t]

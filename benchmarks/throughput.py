@@ -1,0 +1,229 @@
+"""Targets 1 and 5: staged throughput against plain arq, and the gap between stages.
+
+Workloads (``stages`` x ``per_stage`` no-op jobs, one worker process per side,
+``max_jobs=100``, ``poll_delay=0.01``), run round-robin ``reps`` times, timed from the
+first enqueue to the last job done:
+
+- ``arq, stage by stage``: a client enqueues each job with ``enqueue_job`` (one at a time)
+  and waits for the queue to empty (checked every 2 ms) before the next stage: the
+  reference.
+- ``astages``: ``within_a_grouping``, one ``await stage.enqueue(...)`` per job (the
+  recording is inside the timing), then ``await group.wait()`` (pub/sub) and for arq to
+  finish its own records of the last jobs.
+- the same two with every tenth job failing its first try (``Retry``) and re-run;
+- ``arq, no stages``: every job enqueued at once, no waiting between stages (the floor).
+
+Every run is checked: each job ran once (a failing one exactly twice), and no job of
+stage k+1 started before every job of stage k ended. The gaps between those two moments
+are target 5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from arq.connections import ArqRedis
+
+import astages
+from astages.exceptions import GroupNotFound
+from benchmarks.common import (
+    WAIT_POLL_S,
+    Config,
+    Table,
+    Workers,
+    check_runs,
+    connect,
+    cpu_seconds,
+    flush,
+    load_average,
+    median,
+)
+
+PLAIN_QUEUE = "bench:plain"
+ASTAGES_QUEUE = "bench:astages"
+POLL_DELAY_MS = 10.0
+
+
+async def wait_empty(redis: ArqRedis, queue: str) -> None:
+    """Until arq's queue is empty: arq removes a job from it when the job is final, in the
+    same transaction that writes its result (a retried job stays in it)."""
+    while await redis.zcard(queue):  # noqa: ASYNC110 - plain arq has nothing to wait on but its queue
+        await asyncio.sleep(WAIT_POLL_S)
+
+
+async def arq_staged(redis: ArqRedis, run: str, fn: str, stages: int, per_stage: int) -> float:
+    t0 = time.perf_counter()
+    for s in range(1, stages + 1):
+        for i in range(per_stage):
+            await redis.enqueue_job(fn, run, s, i)
+        await wait_empty(redis, PLAIN_QUEUE)
+    return time.perf_counter() - t0
+
+
+async def arq_flat(redis: ArqRedis, run: str, fn: str, stages: int, per_stage: int) -> float:
+    t0 = time.perf_counter()
+    for s in range(1, stages + 1):
+        for i in range(per_stage):
+            await redis.enqueue_job(fn, run, s, i)
+    await wait_empty(redis, PLAIN_QUEUE)
+    return time.perf_counter() - t0
+
+
+async def astages_staged(redis: ArqRedis, run: str, fn: str, stages: int, per_stage: int) -> float:
+    t0 = time.perf_counter()
+    async with astages.within_a_grouping(redis, run) as group:
+        for s in range(1, stages + 1):
+            stage = await group.stage(s)
+            for i in range(per_stage):
+                await stage.enqueue(fn, run, s, i)
+    with contextlib.suppress(GroupNotFound):  # it finished before wait() subscribed
+        await group.wait()  # woken by the script that finishes the group (pub/sub, no polling)
+    await wait_empty(redis, ASTAGES_QUEUE)  # and arq has finished its own records of the last jobs
+    return time.perf_counter() - t0
+
+
+# name -> (side, driver, function, staged)
+VARIANTS: dict[str, tuple[str, Any, str, bool]] = {
+    "arq, stage by stage": ("plain", arq_staged, "noop", True),
+    "astages": ("astages", astages_staged, "noop", True),
+    "arq, stage by stage, 10% retried": ("plain", arq_staged, "flaky", True),
+    "astages, 10% retried": ("astages", astages_staged, "flaky", True),
+    "arq, no stages (floor)": ("plain", arq_flat, "noop", False),
+}
+REFERENCE = {
+    "arq, stage by stage": "arq, stage by stage",
+    "astages": "arq, stage by stage",
+    "arq, stage by stage, 10% retried": "arq, stage by stage, 10% retried",
+    "astages, 10% retried": "arq, stage by stage, 10% retried",
+    "arq, no stages (floor)": "arq, stage by stage",
+}
+
+
+async def measure(
+    cfg: Config, stages: int, per_stage: int, workers: int = 1, variants: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the variants round-robin ``cfg.reps`` times with ``workers`` processes per side;
+    returns per variant its times, its ratios to its reference (paired by rep) and checks."""
+    names = variants or list(VARIANTS)
+    plain = await connect(cfg, PLAIN_QUEUE)
+    staged = await connect(cfg, ASTAGES_QUEUE)
+    await flush(plain)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    run_ids: dict[str, list[str]] = {n: [] for n in names}
+    worker_cpu: dict[str, list[float]] = {n: [] for n in names}
+    client_cpu: dict[str, list[float]] = {n: [] for n in names}
+    sides = {VARIANTS[n][0] for n in names}
+    wp = Workers(cfg, "plain", PLAIN_QUEUE, workers if "plain" in sides else 0)
+    wa = Workers(cfg, "astages", ASTAGES_QUEUE, workers if "astages" in sides else 0)
+    try:
+        async with wp, wa:
+            # one warm-up round (imports, connections, script loading), not counted
+            for name in names:
+                side, driver, fn, _ = VARIANTS[name]
+                await driver(plain if side == "plain" else staged, "warm" + uuid.uuid4().hex[:6], fn, 1, 50)
+            for _ in range(cfg.reps):
+                for name in names:
+                    side, driver, fn, _ = VARIANTS[name]
+                    run = uuid.uuid4().hex[:12]
+                    run_ids[name].append(run)
+                    pids = (wp if side == "plain" else wa).pids()
+                    w0, c0 = sum(map(cpu_seconds, pids)), time.process_time()
+                    times[name].append(await driver(plain if side == "plain" else staged, run, fn, stages, per_stage))
+                    worker_cpu[name].append(sum(map(cpu_seconds, pids)) - w0)
+                    client_cpu[name].append(time.process_time() - c0)
+        errors = wp.errors + wa.errors
+        warnings = wp.warnings + wa.warnings
+        runs = {"plain": wp.runs, "astages": wa.runs}
+    finally:
+        await flush(plain)
+        await plain.aclose()
+        await staged.aclose()
+    out: dict[str, Any] = {}
+    for name in names:
+        side, _, fn, is_staged = VARIANTS[name]
+        checks = [check_runs(runs[side], r, stages, per_stage, fn == "flaky", is_staged) for r in run_ids[name]]
+        ref = REFERENCE[name]
+        ratios = [t / r for t, r in zip(times[name], times[ref], strict=True)] if ref in times and ref != name else []
+        out[name] = {
+            "times": times[name],
+            "median_s": median(times[name]),
+            "jobs_per_s": stages * per_stage / median(times[name]),
+            "ratio": median(ratios) if ratios else (1.0 if ref == name else None),
+            "reference": ref,
+            "worker_cpu_ms": median(worker_cpu[name]) / (stages * per_stage) * 1000,
+            "client_cpu_ms": median(client_cpu[name]) / (stages * per_stage) * 1000,
+            "missing": sum(c["missing"] for c in checks),
+            "wrong_count": sum(c["wrong_count"] for c in checks),
+            "overlaps": sum(c["overlaps"] for c in checks),
+            "gaps_ms": [g * 1000 for c in checks for g in c["gaps"]],
+            "queued_ms": [g * 1000 for c in checks for g in c["queued"]],
+        }
+    out["_errors"] = errors
+    out["_warnings"] = warnings
+    return out
+
+
+async def run(cfg: Config) -> list[Table]:
+    stages, per_stage = 3, cfg.size(1000, 200)
+    load_before = load_average()
+    res = await measure(cfg, stages, per_stage)
+    errors = res.pop("_errors")
+    warnings = res.pop("_warnings")
+    t = Table(
+        f"Throughput: {stages} stages x {per_stage:,} no-op jobs, 1 worker (median of {cfg.reps})",
+        [
+            "workload",
+            "time s",
+            "jobs/s",
+            "ratio",
+            "vs",
+            "worker CPU ms/job",
+            "client CPU ms/job",
+            "run twice",
+            "order broken",
+        ],
+    )
+    for name, r in res.items():
+        t.rows.append(
+            [
+                name,
+                r["median_s"],
+                r["jobs_per_s"],
+                "" if r["ratio"] is None else round(r["ratio"], 3),
+                "" if r["reference"] == name else r["reference"],
+                r["worker_cpu_ms"],
+                r["client_cpu_ms"],
+                r["wrong_count"] + r["missing"],
+                r["overlaps"],
+            ]
+        )
+    t.notes.append(f"load average before / after: {load_before} / {load_average()} (other work shares the machine)")
+    t.notes.append("CPU: medians per job of the worker process(es) and of the client, from /proc and process_time")
+    t.notes.append("ratio: median over reps of (time / the same rep's reference time); target: astages <= 1.10")
+    t.notes.append(f"worker errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+    if warnings:
+        t.notes.append(f"worker warnings: {len(warnings)} (first: {warnings[0]})")
+    t.data = {"stages": stages, "per_stage": per_stage, "results": res, "errors": errors, "warnings": warnings}
+
+    g = Table(
+        f"Stage gap: last job of stage k ends -> first job of stage k+1 starts (poll_delay {POLL_DELAY_MS:g} ms)",
+        ["workload", "gaps", "median ms", "p90 ms", "max ms", "of which: until queued, median ms", "target ms"],
+    )
+    for name, r in res.items():
+        gaps = sorted(r["gaps_ms"])
+        if not gaps:
+            continue
+        p90 = gaps[min(len(gaps) - 1, int(0.9 * len(gaps)))]
+        target = POLL_DELAY_MS + 5 if "astages" in name else ""
+        g.rows.append([name, len(gaps), median(gaps), p90, gaps[-1], median(r["queued_ms"]), target])
+    g.notes.append(
+        "until queued: to the first job of stage k+1 being in arq's queue (its score; astages: the report of the "
+        "last job that sends the next stage; arq: the client noticing the empty queue and enqueueing); the rest "
+        "is arq's pick-up: up to one poll_delay, claiming the job, then astages' start_job"
+    )
+    g.data = {name: {"gaps_ms": r["gaps_ms"], "queued_ms": r["queued_ms"]} for name, r in res.items()}
+    return [t, g]

@@ -1,8 +1,9 @@
 """Profile the per-job path of a worker with py-spy: ``python -m benchmarks.profile [plain] [astages]``.
 
-For each kind of worker: start it, stop it (SIGSTOP), queue N no-op jobs (plain: with
-``enqueue_job``; astages: one stage, recorded and started), attach ``py-spy record``,
-let the worker go (SIGCONT) and sample it until the queue is empty. The sampled stacks
+For each kind of worker: start it, queue N no-op jobs in a queue it does not serve
+(plain: with ``enqueue_job``; astages: one stage, recorded and started), attach
+``py-spy record``, move the jobs to the worker's queue (RENAME) and sample it until the
+queue is empty. The sampled stacks
 are summed into where the worker's time went: astages' two script calls, the rest of
 astages' wrapper and hooks, arq's own job handling, arq claiming jobs, the event loop,
 idle. ``--raw DIR`` keeps py-spy's collapsed stacks (for a flame graph).
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -76,8 +76,9 @@ def py_spy() -> str:
 
 
 def _attach(pid: int, rate: int, out: Path) -> subprocess.Popen[bytes]:
-    command = [py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--nonblocking"]
-    return subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+    with open(out.with_suffix(".log"), "wb") as log:
+        return subprocess.Popen([*command, "--output", str(out)], stdout=log, stderr=log)
 
 
 def _keep(folder: Path, kind: str, raw: str) -> None:
@@ -88,13 +89,12 @@ def _keep(folder: Path, kind: str, raw: str) -> None:
 async def profile(cfg: Config, kind: str, n: int, rate: int = 250) -> tuple[str, float]:
     """py-spy's collapsed stacks of one ``kind`` worker running ``n`` queued jobs, and the time."""
     queue = ASTAGES_QUEUE if kind == "astages" else PLAIN_QUEUE
-    redis = await connect(cfg, queue)
+    hold = queue + ":hold"  # the jobs wait here, then move to the worker's queue at once
+    redis = await connect(cfg, hold)
     await flush(redis)
     out = Path(tempfile.mkdtemp(prefix="bench-prof-")) / f"{kind}.txt"
     try:
         async with Workers(cfg, kind, queue, 1) as workers:
-            pid = workers.pids()[0]
-            os.kill(pid, signal.SIGSTOP)
             if kind == "astages":
                 group = await astages.StagedGroup.create(redis, "profile")
                 stage = await group.stage(1)
@@ -103,10 +103,10 @@ async def profile(cfg: Config, kind: str, n: int, rate: int = 250) -> tuple[str,
             else:
                 for i in range(n):
                     await redis.enqueue_job("noop", "profile", 1, i)
-            spy = _attach(pid, rate, out)
+            spy = _attach(workers.pids()[0], rate, out)
             await asyncio.sleep(1.0)
             t0 = time.perf_counter()
-            os.kill(pid, signal.SIGCONT)
+            await redis.rename(hold, queue)
             await wait_empty(redis, queue)
             elapsed = time.perf_counter() - t0
             spy.send_signal(signal.SIGINT)
@@ -135,7 +135,7 @@ async def run(cfg: Config, kinds: tuple[str, ...] = ("plain", "astages"), keep: 
         for name, count in cats.most_common():
             t.rows.append([name, count, f"{100 * count / max(total, 1):.1f}%"])
         busy = {k: v for k, v in leaves.items() if "selectors" not in k}
-        t.notes.append("sampled with --nonblocking at 250 Hz; read the shares (py-spy still slows the process)")
+        t.notes.append("sampled at 250 Hz; read the shares, not the time (py-spy pauses the process to sample it)")
         t.notes.append("hottest leaf functions: " + ", ".join(f"{k} {v}" for k, v in Counter(busy).most_common(6)))
         t.data = {"categories": dict(cats), "total": total, "elapsed": elapsed, "n": n}
         tables.append(t)

@@ -17,10 +17,14 @@ from arq.connections import ArqRedis
 from arq.constants import expires_extra_ms as ARQ_EXPIRES_EXTRA_MS
 from arq.constants import job_key_prefix as ARQ_JOB_KEY_PREFIX
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from astages._keys import Keys
 from astages.exceptions import CorruptRecord, GroupFinished, GroupNotFound, StageComplete, StageNotFound
+
+# How often a script call is tried when the server's script cache keeps being flushed
+# (redis-py reloads a script once on NOSCRIPT; every script is safe to repeat).
+NOSCRIPT_TRIES = 3
 
 # How many jobs one script call hands to arq: a bigger stage is sent in chunks, so
 # Redis is never blocked for long (about 5 ms per 1,000 jobs).
@@ -90,6 +94,11 @@ class Store:
         keys = (self.keys.group(group_id), self.keys.index)
         argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, *args)
         try:
+            for _ in range(NOSCRIPT_TRIES - 1):
+                try:
+                    return await SCRIPTS[name](keys=keys, args=argv, client=self.redis)
+                except NoScriptError:
+                    continue  # flushed again between redis-py's reload and its retry
             return await SCRIPTS[name](keys=keys, args=argv, client=self.redis)
         except ResponseError as e:
             if "WRONGTYPE" in str(e):  # a key of the group holds data astages did not write

@@ -178,3 +178,22 @@ async def test_wrong_type_under_a_group_key_is_corrupt_record(redis):
     await redis.set(f"astages:{{{group.id}}}:stages", "not a sorted set")
     with pytest.raises(astages.CorruptRecord, match="not written by astages"):
         await group.initiate()
+
+
+async def test_script_call_outlasts_a_flushed_cache(fake_redis, monkeypatch):
+    """A script call survives the cache being flushed again between reload and retry."""
+    group = await StagedGroup.create(fake_redis, "flushy")
+    real_evalsha = type(fake_redis).evalsha
+    misses = {"left": 3}
+
+    async def flaky_evalsha(self, *args):
+        if misses["left"] > 0:
+            misses["left"] -= 1
+            from redis.exceptions import NoScriptError
+
+            raise NoScriptError("NOSCRIPT No matching script")
+        return await real_evalsha(self, *args)
+
+    monkeypatch.setattr(type(fake_redis), "evalsha", flaky_evalsha)
+    assert (await group.stage(1)).number == 1
+    assert misses["left"] == 0

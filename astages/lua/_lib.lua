@@ -14,7 +14,8 @@
 --   G               hash   description, created, status (pending, running, then complete,
 --                          failed or cancelled), initiated, finished, keep_for, events
 --                          (stream cap), max_failed / max_ratio (failure policy), cbseq,
---                          failed_once, summary (kept groups)
+--                          failed_once, summary (kept groups), seq:<n> (last job seq
+--                          of a deleted stage n, so a stage made again reuses no job id)
 --   G:callbacks     hash   "<event>:<k>" -> job spec; event is complete, success, failure
 --                          or stage.<n>
 --   G:events        stream job and stage transitions, capped at the group's events cap

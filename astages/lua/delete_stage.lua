@@ -11,6 +11,10 @@ for i = 1, #open, 2 do
   local c = string.sub(open[i + 1], 1, 1)
   if c == 'q' or c == 'e' then unsend(sk, n, open[i]) end
 end
+-- Its job ids are arq's ids too: a stage made again under this number goes on from the
+-- last seq, so no new job shares an id with an old one (arq's result, in-progress key
+-- or a late report of the old job would be taken for the new job's).
+redis.call('HSET', G, 'seq:' .. n, redis.call('HGET', sk, 'seq') or 0)
 delete_stage_keys(n)
 redis.call('ZREM', G .. ':stages', n)
 if redis.call('HGET', G, 'status') ~= 'running' then return {'deleted', n, 0} end

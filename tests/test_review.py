@@ -49,3 +49,18 @@ async def test_recreated_stage_does_not_reuse_job_ids(real_redis):
     assert await new.status() == JobStatus.QUEUED
     assert await group.exists()
     assert new.id != old.id
+
+
+async def test_message_on_kept_group_expires_with_it(real_redis):
+    """A status message set after a kept group ended (a cancelled job still running)
+    must expire with the group, not stay behind as a key with no TTL."""
+    redis = real_redis
+    group = await StagedGroup.create(redis, "kept", keep_for=60)
+    job = await (await group.stage(1)).enqueue(work, "a")
+    await group.initiate()
+    assert job.ref is not None
+    await group.store.run("start_job", group.id, 1, job.ref.seq, 1)
+    await group.cancel()
+    assert await job.set_status_message("still going")
+    ttl = await redis.ttl(group.store.keys.stage_part(group.id, 1, "msg"))
+    assert 0 < ttl <= 60

@@ -6,4 +6,7 @@ if redis.call('HEXISTS', sk .. ':open', seq) == 0 and redis.call('HEXISTS', sk .
   return 0
 end
 redis.call('HSET', sk .. ':msg', seq, ARGV[7])
+-- An ended group kept with keep_for expires: a message set since goes with it.
+local ttl = redis.call('PTTL', G)
+if ttl > 0 then redis.call('PEXPIRE', sk .. ':msg', ttl) end
 return 1

@@ -64,3 +64,14 @@ async def test_message_on_kept_group_expires_with_it(real_redis):
     assert await job.set_status_message("still going")
     ttl = await redis.ttl(group.store.keys.stage_part(group.id, 1, "msg"))
     assert 0 < ttl <= 60
+
+
+async def test_enqueue_at_long_past_runs_when_its_stage_starts(redis):
+    """README: enqueue_at runs the job at ``when``, or when its stage starts if that is
+    later. A time more than arq's expires_extra_ms (a day) before the stage started gave
+    arq's job record a TTL of 1 ms: arq failed the job as expired, without running it."""
+    group = await StagedGroup.create(redis, "late")
+    job = await (await group.stage(1)).enqueue_at(time.time() - 2 * 86400, work, "late")
+    await group.initiate()
+    ttl = await redis.pttl("arq:job:" + str(job.id))
+    assert ttl > 86_000_000

@@ -107,7 +107,8 @@ local function write_arq_record(spec, job_id, now)
   local score = now
   if kind == 'a' then score = when elseif kind == 'i' then score = now + when end
   local ttl = expires
-  if ttl <= 0 then ttl = score - now + EXPIRES_EXTRA end
+  -- A time already past (the stage started after it) runs now: its record lives from now.
+  if ttl <= 0 then ttl = math.max(score, now) - now + EXPIRES_EXTRA end
   if ttl < 1 then ttl = 1 end
   redis.call('SET', ARQ_JOB .. job_id, payload, 'PX', ttl)
   return queue, score

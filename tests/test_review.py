@@ -75,3 +75,25 @@ async def test_enqueue_at_long_past_runs_when_its_stage_starts(redis):
     await group.initiate()
     ttl = await redis.pttl("arq:job:" + str(job.id))
     assert ttl > 86_000_000
+
+
+async def test_one_call_sends_at_most_send_limit_jobs(redis, monkeypatch):
+    """Initiation is sent in chunks of SEND_LIMIT jobs per script call. When a stage
+    whose jobs were all final used up the call's budget, the next stage got a budget of
+    0 and, from cursor 0, LRANGE 0 -1 sent the whole of it in the same call."""
+    monkeypatch.setattr("astages._scripts.SEND_LIMIT", 2)
+    group = await StagedGroup.create(redis, "chunks")
+    one = await group.stage(1)
+    done = [await one.enqueue(work, i) for i in range(2)]
+    two = await group.stage(2)
+    await two.enqueue_many([(work, (i,)) for i in range(5)])
+    for job in done:  # sent by hand while the stage is pending, and finished
+        await job.enqueue_job()
+        assert job.ref is not None
+        await group.store.run("finish_job", group.id, 1, job.ref.seq, 1, "s", "")
+    reply = await group.store.run("initiate_group", group.id)
+    queued = (await two.progress()).queued
+    assert queued <= 2
+    assert int(reply[2]) == 5 - queued
+    await group.initiate()  # sends the rest
+    assert (await two.progress()).queued == 5

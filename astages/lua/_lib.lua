@@ -144,6 +144,7 @@ local function send_chunk(n, now, budget)
   local cursor = tonumber(redis.call('HGET', sk, 'cursor') or '0')
   local total = redis.call('LLEN', sk .. ':jobs')
   if cursor >= total then return 0, budget end
+  if budget <= 0 then return total - cursor, budget end  -- LRANGE cursor, cursor - 1 is all from 0
   local last = cursor + budget - 1
   local seqs = redis.call('LRANGE', sk .. ':jobs', cursor, last)
   -- The same writes as send() per job, with the reads, queue entries, status and

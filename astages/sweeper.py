@@ -164,6 +164,9 @@ class Sweeper:
         self.store = Store(redis, self.keys)
         self.grace_ms = int(grace * 1000)
         self.batch = batch
+        # How long a suspect is remembered: past the next pass, then it expires, so no
+        # key outlives the groups once every worker has stopped.
+        self.suspects_ms = max(2 * self.grace_ms, int(2 * DEFAULT_INTERVAL * 1000))
 
     # -- one pass -------------------------------------------------------------------
 
@@ -314,7 +317,10 @@ class Sweeper:
             await self.redis.hdel(key, job_id)
             logger.warning("sweeper failed lost job %s: %s (%s)", job_id, why, motion.outcome)
         if first_seen:
-            await self.redis.hset(key, mapping=first_seen)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=first_seen)
+                pipe.pexpire(key, self.suspects_ms)
+                await pipe.execute()
 
     async def _why_lost(self, group_id: str, number: int, seq: str, code: str) -> str:
         spec = await self.redis.hget(self.keys.stage_part(group_id, number, "spec"), seq)
@@ -352,6 +358,7 @@ class Sweeper:
         delay = interval * random.uniform(0.5, 1.0)
         failures = 0
         lock = lock_key(self.keys)
+        self.suspects_ms = max(2 * self.grace_ms, int(2 * interval * 1000))
         while True:
             await asyncio.sleep(delay)
             holding = False

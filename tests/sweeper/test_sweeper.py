@@ -92,6 +92,7 @@ async def test_lost_job_fails_after_two_looks_with_a_message(real_redis):
     started = time.monotonic()
     first = await sweeper.sweep()
     assert first.lost == 0 and first.suspects == 1
+    assert 0 < await real_redis.pttl(suspects_key(sweeper.keys)) <= sweeper.suspects_ms  # outlives no worker
     assert await lost.status() is JobStatus.QUEUED
     second = await sweeper.sweep()  # too soon: still a suspect
     assert second.lost == 0

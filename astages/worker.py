@@ -181,9 +181,11 @@ async def _settle(ctx: dict[str, Any], runtime: _Runtime) -> None:
     job_id = ctx["job_id"]
     job_try = int(ctx["job_try"])
     pending = ctx.get(CTX_OUTCOME)
-    if pending is not None:
+    if pending is not None and pending[0] != "e":
         outcome, error = pending
     else:
+        # Nothing reported, or a retry whose report was cut short (a timeout can strike
+        # while it is sent, and then arq fails the job for good): arq's record decides.
         outcome, error = await _arq_outcome(store, job_id, job_try, ctx.get(CTX_MAX_TRIES, runtime.max_tries), runtime)
         ctx[CTX_OUTCOME] = (outcome, error)
     await store.move("finish_job", ref.group_id, ref.stage, ref.seq, job_try, outcome, error)

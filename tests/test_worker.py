@@ -283,3 +283,36 @@ async def test_round_trips_per_job(fake_redis, monkeypatch):
     per_run = [calls[a:b] for a, b in zip(marks[::2], marks[1::2], strict=True)]
     assert sorted(per_run) == [[]] + [["EVALSHA", "EVALSHA"]] * 5
     assert not await group.exists()
+
+
+async def test_lost_retry_report_is_settled_from_arq(redis, monkeypatch):
+    """A retry whose report fails is settled in after_job_end from arq's own record."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from astages._scripts import Store
+
+    async with astages.within_a_grouping(redis, "lost-retry") as group:
+        stage = await group.stage(1)
+        await stage.enqueue(record, "flaky", retries=1)
+        await (await group.stage(2)).enqueue(record, "after")
+    real_move = Store.move
+    failed_once: list[str] = []
+
+    async def move(self, name, group_id, *args):
+        if name == "finish_job" and args[-2] == "e" and not failed_once:
+            failed_once.append("e")
+            raise RedisConnectionError("dropped")
+        return await real_move(self, name, group_id, *args)
+
+    monkeypatch.setattr(Store, "move", move)
+    seen = {}
+
+    async def watch(ctx):
+        if ctx["job_try"] == 1 and await group.exists():
+            seen["progress"] = await stage.progress()
+
+    await run_burst(redis, [record], after_job_end=watch)
+    assert failed_once == ["e"]
+    assert seen["progress"].pending_re_run == 1 and seen["progress"].retried == 1
+    assert ATTEMPTS["flaky"] == 2 and ("start", "after") in [(k, t) for k, t, _ in EVENTS]
+    assert not await group.exists()

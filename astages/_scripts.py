@@ -9,6 +9,8 @@ safe to repeat.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -78,19 +80,40 @@ class Motion:
         return cls(text(outcome), text(stage), int(unsent))
 
 
+# Scripts after which the stages of a group filled in within_a_grouping are all still
+# pending, so enqueued jobs may keep being buffered (any other call ends the buffering).
+_KEEPS_STAGES_PENDING = frozenset({"create_group", "ensure_stage", "add_callback", "configure", "set_message"})
+
+
 class Store:
     """A Redis connection, a key prefix and the scripts: what every astages object uses."""
 
-    __slots__ = ("expires_extra_ms", "keys", "redis")
+    __slots__ = ("buffer", "expires_extra_ms", "keys", "redis")
 
     def __init__(self, redis: ArqRedis, keys: Keys) -> None:
         # Typed Any: redis-py's asyncio stubs give every reply as "Awaitable[T] | T".
         self.redis: Any = redis
         self.keys = keys
         self.expires_extra_ms = int(getattr(redis, "expires_extra_ms", ARQ_EXPIRES_EXTRA_MS))
+        # Jobs enqueued inside within_a_grouping, not yet written (see RecordBuffer).
+        self.buffer: RecordBuffer | None = None
+
+    async def flush(self) -> None:
+        """Write the jobs buffered inside within_a_grouping; every read and every other
+        script call does this first, so nothing ever sees the buffer's jobs missing."""
+        if self.buffer is not None and self.buffer.pending:
+            await self.buffer.flush(self)
 
     async def run(self, name: str, group_id: str, *args: Any) -> Any:
         """Run script ``name`` for ``group_id`` with its own ``args`` (ARGV[5..])."""
+        await self.flush()
+        if name not in _KEEPS_STAGES_PENDING:
+            # a stage may start now: later jobs must be recorded (and sent) at once
+            self.buffer = None
+        return await self.run_now(name, group_id, *args)
+
+    async def run_now(self, name: str, group_id: str, *args: Any) -> Any:
+        """``run`` without writing buffered jobs first (the buffer's own calls)."""
         keys = (self.keys.group(group_id), self.keys.index)
         argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, *args)
         try:
@@ -115,6 +138,58 @@ class Store:
             raise_code(reply, group_id, None)
             motion = Motion.of(reply)
         return motion
+
+
+class RecordBuffer:
+    """Jobs enqueued one ``await stage.enqueue(...)`` at a time inside
+    ``within_a_grouping`` are written in batches instead of one round trip each.
+
+    Inside the block every stage is pending, so a job is only recorded, never sent; its
+    seq (and so its id) comes from a range reserved in the stage, so the handle
+    ``enqueue`` returns is complete at once. The buffer is written when it holds
+    ``RECORD_BATCH`` jobs, before any other script call or read through the same group
+    (``Store.flush``), and when the block ends. An exception in the block drops it with
+    the group."""
+
+    def __init__(self, group_id: str, batch: int) -> None:
+        self.group_id = group_id
+        self.batch = batch
+        self.pending: list[tuple[int, int, bytes]] = []  # (stage, seq, spec) in enqueue order
+        self._ranges: dict[int, tuple[int, int, int]] = {}  # stage -> (next seq, last reserved, size)
+        self._lock = asyncio.Lock()
+
+    async def seq(self, store: Store, number: int) -> int:
+        """The next seq of stage ``number``, reserving a range when the last is used up
+        (16, doubling to 1,024: a small stage leaves no gap in its numbering)."""
+        nxt, last, size = self._ranges.get(number, (1, 0, 8))
+        if nxt > last:
+            size = min(1024, 2 * size)
+            reply = await store.run_now("reserve", self.group_id, number, size)
+            raise_code(reply, self.group_id, number)
+            last = int(reply)
+            nxt = last - size + 1
+        self._ranges[number] = (nxt + 1, last, size)
+        return nxt
+
+    async def add(self, store: Store, number: int, seq: int, spec: bytes) -> None:
+        self.pending.append((number, seq, spec))
+        if len(self.pending) >= self.batch:
+            await self.flush(store)
+
+    async def flush(self, store: Store) -> None:
+        async with self._lock:
+            todo, self.pending = self.pending, []
+            start = 0
+            while start < len(todo):
+                # one call per run of consecutive seqs of one stage (usually: a whole stage)
+                number, first, _ = todo[start]
+                end = start + 1
+                while end < len(todo) and todo[end][0] == number and todo[end][1] == first + (end - start):
+                    end += 1
+                specs = [spec for _, _, spec in todo[start:end]]
+                reply = await store.run_now("enqueue", self.group_id, number, secrets.token_hex(8), first, *specs)
+                raise_code(reply, self.group_id, number)
+                start = end
 
 
 def raise_code(reply: Any, group_id: str, number: Any) -> None:

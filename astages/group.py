@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from astages._keys import DEFAULT_PREFIX, Keys
-from astages._scripts import Motion, Store, raise_code, text
+from astages._scripts import Motion, RecordBuffer, Store, raise_code, text
 from astages.exceptions import AstagesError, GroupNotFound, InvalidStageNumber, StageNotFound
 from astages.models import (
     Event,
@@ -26,7 +26,7 @@ from astages.models import (
     ms_to_datetime,
     now_ms,
 )
-from astages.stage import JobFunction, StagedGroupStage, make_spec
+from astages.stage import RECORD_BATCH, JobFunction, StagedGroupStage, make_spec
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
@@ -179,17 +179,20 @@ class StagedGroup:
 
     async def exists(self) -> bool:
         """False once the group was deleted or finished (the seed's ``blank?`` negated)."""
+        await self.store.flush()
         return bool(await self.redis.exists(self._key))
 
     async def status(self) -> GroupStatus:
         """``pending`` until initiated, then ``running``; an ended group is only seen when
         it was made with ``keep_for``."""
+        await self.store.flush()
         raw = await self.redis.hget(self._key, "status")
         if raw is None:
             raise GroupNotFound(self.id)
         return GroupStatus(text(raw))
 
     async def _numbers(self) -> builtins.list[int]:
+        await self.store.flush()
         return [int(n) for n in await self.redis.zrange(self.store.keys.stages(self.id), 0, -1)]
 
     async def stage(self, number: int) -> StagedGroupStage:
@@ -202,6 +205,7 @@ class StagedGroup:
     async def get_stage(self, number: int) -> StagedGroupStage:
         """Stage ``number`` if it exists (StageNotFound otherwise); unlike ``stage()``
         it never creates one."""
+        await self.store.flush()
         number = _check_number(number)
         if await self.redis.zscore(self.store.keys.stages(self.id), number) is None:
             if not await self.exists():
@@ -216,6 +220,7 @@ class StagedGroup:
         return {n: StagedGroupStage(self, n) for n in await self._numbers()}
 
     async def num_stages(self) -> int:
+        await self.store.flush()
         return int(await self.redis.zcard(self.store.keys.stages(self.id)))
 
     async def stage_statuses(self) -> dict[int, StageStatus]:
@@ -236,6 +241,7 @@ class StagedGroup:
 
     async def last_stage(self) -> StagedGroupStage | None:
         """The highest-numbered stage, or None when the group has no stage."""
+        await self.store.flush()
         raw = await self.redis.zrange(self.store.keys.stages(self.id), -1, -1)
         return StagedGroupStage(self, int(raw[0])) if raw else None
 
@@ -294,12 +300,14 @@ class StagedGroup:
 
     async def summary(self) -> GroupSummary | None:
         """The final summary of an ended group kept with ``keep_for`` (else None)."""
+        await self.store.flush()
         raw = await self.redis.hget(self._key, "summary")
         return None if raw is None else GroupSummary.from_json(raw)
 
     async def events(self, count: int = 100, *, after: str = "-", newest: bool = False) -> builtins.list[Event]:
         """The group's timeline, oldest first: up to ``count`` events after event id
         ``after``, or with ``newest=True`` the latest ``count`` events."""
+        await self.store.flush()
         key = self.store.keys.events(self.id)
         if newest:
             rows = list(reversed(await self.redis.xrevrange(key, count=count)))
@@ -401,13 +409,19 @@ class _Grouping:
 
     async def __aenter__(self) -> StagedGroup:
         self._group = await StagedGroup.create(self._redis, self._description, **self._options)
+        # Jobs enqueued one at a time in the block are written in batches (RecordBuffer).
+        self._group.store.buffer = RecordBuffer(self._group.id, RECORD_BATCH)
         return self._group
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         assert self._group is not None
+        store = self._group.store
         if exc_type is not None:
+            store.buffer = None  # nothing buffered was written or sent: drop it with the group
             await self._group.delete()
             return
+        await store.flush()
+        store.buffer = None
         await self._group.initiate()
 
 

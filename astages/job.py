@@ -134,6 +134,7 @@ class StagedJob:
 
     async def _codes(self) -> tuple[bytes | None, bytes | None]:
         store, ref = self._bound()
+        await store.flush()
         async with store.redis.pipeline(transaction=False) as pipe:
             pipe.hget(store.keys.stage_part(ref.group_id, ref.stage, "open"), str(ref.seq))
             pipe.hget(store.keys.stage_part(ref.group_id, ref.stage, "done"), str(ref.seq))
@@ -168,6 +169,7 @@ class StagedJob:
     async def status_message(self) -> str:
         """The job's own message ("" when it set none)."""
         store, ref = self._bound()
+        await store.flush()
         raw = await store.redis.hget(store.keys.stage_part(ref.group_id, ref.stage, "msg"), str(ref.seq))
         return "" if raw is None else text(raw)
 
@@ -184,12 +186,14 @@ class StagedJob:
     async def error(self) -> str | None:
         """The error a failed job ended with, else None."""
         store, ref = self._bound()
+        await store.flush()
         raw = await store.redis.hget(store.keys.stage_part(ref.group_id, ref.stage, "err"), str(ref.seq))
         return None if raw is None else text(raw)
 
     async def info(self) -> JobInfo:
         """A snapshot of everything known about the job, in one round trip."""
         store, ref = self._bound()
+        await store.flush()
         seq = str(ref.seq)
         async with store.redis.pipeline(transaction=False) as pipe:
             for part in ("spec", "open", "done", "msg", "err"):

@@ -136,19 +136,23 @@ class StagedGroupStage:
     # -- reading --------------------------------------------------------------------
 
     async def exists(self) -> bool:
+        await self._store.flush()
         return bool(await self._store.redis.exists(self._key()))
 
     async def status(self) -> StageStatus:
+        await self._store.flush()
         raw = await self._store.redis.hget(self._key(), "status")
         if raw is None:
             raise StageNotFound(self.group.id, self.number)
         return StageStatus(text(raw))
 
     async def num_jobs(self) -> int:
+        await self._store.flush()
         return int(await self._store.redis.llen(self._key("jobs")))
 
     async def progress(self) -> StageProgress:
         """Counts per job status, from the stage's counters (O(1), no job is read)."""
+        await self._store.flush()
         raw = await self._store.redis.hgetall(self._key())
         if not raw:
             raise StageNotFound(self.group.id, self.number)
@@ -156,6 +160,7 @@ class StagedGroupStage:
 
     async def info(self) -> StageInfo:
         """Status, created/started/finished times and counts per status, in one read."""
+        await self._store.flush()
         raw = await self._store.redis.hgetall(self._key())
         if not raw:
             raise StageNotFound(self.group.id, self.number)
@@ -164,6 +169,7 @@ class StagedGroupStage:
     async def jobs(self, offset: int = 0, limit: int | None = None) -> list[StagedJob]:
         """The stage's jobs in the order they were enqueued (a page of them when
         ``offset``/``limit`` are given)."""
+        await self._store.flush()
         store = self._store
         stop = -1 if limit is None else offset + limit - 1
         seqs = await store.redis.lrange(self._key("jobs"), offset, stop)
@@ -177,6 +183,7 @@ class StagedGroupStage:
 
     async def job_statuses(self, jobs: Sequence[StagedJob]) -> list[tuple[str, int, str]]:
         """(status, tries, message) for each of ``jobs`` (jobs of this stage), in one round trip."""
+        await self._store.flush()
         seqs = [str(job.ref.seq) for job in jobs if job.ref is not None]
         if not seqs:
             return []
@@ -201,7 +208,7 @@ class StagedGroupStage:
 
     async def _record(self, batch: list[tuple[bytes, StagedJob]]) -> list[StagedJob]:
         token = secrets.token_hex(8)  # makes a repeated call (lost reply, retried) harmless
-        reply = await self._store.run("enqueue", self.group.id, self.number, token, *(spec for spec, _ in batch))
+        reply = await self._store.run("enqueue", self.group.id, self.number, token, "", *(spec for spec, _ in batch))
         raise_code(reply, self.group.id, self.number)
         first = int(reply[0])
         for i, (_, job) in enumerate(batch):
@@ -211,7 +218,14 @@ class StagedGroupStage:
     async def _enqueue(
         self, schedule: Schedule, function: JobFunction, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> StagedJob:
-        (job,) = await self._record([self._spec(function, args, kwargs, schedule)])
+        spec, job = self._spec(function, args, kwargs, schedule)
+        buffer = self._store.buffer
+        if buffer is not None and buffer.group_id == self.group.id:  # inside within_a_grouping
+            seq = await buffer.seq(self._store, self.number)
+            job.ref = JobRef(self.group.id, self.number, seq)
+            await buffer.add(self._store, self.number, seq, spec)
+            return job
+        (job,) = await self._record([(spec, job)])
         return job
 
     async def enqueue(self, function: JobFunction, *args: Any, **kwargs: Any) -> StagedJob:

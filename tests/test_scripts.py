@@ -143,7 +143,8 @@ async def test_every_script_survives_script_flush(real_redis, name):
     args = {
         "create_group": ("desc", 1),
         "ensure_stage": (7,),
-        "enqueue": (1, "token"),
+        "enqueue": (1, "token", ""),
+        "reserve": (1, 4),
         "initiate_stage": (1,),
         "start_job": (1, ref.seq, 1),
         "finish_job": (1, ref.seq, 1, "e", ""),
@@ -164,10 +165,10 @@ async def test_repeated_enqueue_call_records_once(redis):
     group = await StagedGroup.create(redis, "retry-safe")
     stage = await group.stage(1)
     spec, _ = stage._spec(work, (1,), {}, astages.models.Schedule())
-    first = await group.store.run("enqueue", group.id, 1, "tok-1", spec)
-    again = await group.store.run("enqueue", group.id, 1, "tok-1", spec)
+    first = await group.store.run("enqueue", group.id, 1, "tok-1", "", spec)
+    again = await group.store.run("enqueue", group.id, 1, "tok-1", "", spec)
     assert first == again and await stage.num_jobs() == 1
-    other = await group.store.run("enqueue", group.id, 1, "tok-2", spec)
+    other = await group.store.run("enqueue", group.id, 1, "tok-2", "", spec)
     assert int(other[0]) == int(first[0]) + 1 and await stage.num_jobs() == 2
 
 

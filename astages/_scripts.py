@@ -101,7 +101,7 @@ class Store:
     async def flush(self) -> None:
         """Write the jobs buffered inside within_a_grouping; every read and every other
         script call does this first, so nothing ever sees the buffer's jobs missing."""
-        if self.buffer is not None and self.buffer.pending:
+        if self.buffer is not None:
             await self.buffer.flush(self)
 
     async def run(self, name: str, group_id: str, *args: Any) -> Any:
@@ -177,6 +177,10 @@ class RecordBuffer:
             await self.flush(store)
 
     async def flush(self, store: Store) -> None:
+        """Write what is buffered; also waits for a write another task has under way, so
+        a read after it sees every job enqueued before it."""
+        if not self.pending and not self._lock.locked():
+            return
         async with self._lock:
             todo, self.pending = self.pending, []
             start = 0

@@ -420,7 +420,13 @@ class _Grouping:
             store.buffer = None  # nothing buffered was written or sent: drop it with the group
             await self._group.delete()
             return
-        await store.flush()
+        try:
+            await store.flush()
+        except BaseException:
+            # the block's jobs could not all be recorded: as for an exception in the block
+            store.buffer = None
+            await self._group.delete()
+            raise
         store.buffer = None
         await self._group.initiate()
 

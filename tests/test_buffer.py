@@ -121,3 +121,16 @@ async def test_stage_deleted_in_the_block(redis):
         await s2.enqueue(work, "kept too")
     assert list(await group.stages()) == [2]
     assert [j.args[0] for j in await s2.jobs()] == ["kept", "kept too"]
+
+
+async def test_failed_write_at_the_end_removes_the_group(redis):
+    """If the buffered jobs cannot be written when the block ends, the group is removed."""
+    with pytest.raises(astages.StageNotFound):
+        async with astages.within_a_grouping(redis, "vanishing") as group:
+            stage = await group.stage(1)
+            await stage.enqueue(work, 1)
+            # another process deletes the stage behind this block's back
+            other = await astages.StagedGroup.load(redis, group.id)
+            await (await other.get_stage(1)).delete()
+    assert not await group.exists()
+    assert await redis.keys("astages:*") == []

@@ -105,17 +105,22 @@ class StagedGroup:
         keep_for: float = 0,
         events: int = DEFAULT_EVENTS,
         failure_policy: FailurePolicy | str | None = None,
+        ttl: float | None = None,
     ) -> StagedGroup:
         """A new, empty, pending group.
 
         ``keep_for`` (seconds): keep the ended group readable, with its summary, for that
         long (a Redis TTL) instead of deleting it at once. ``events``: cap of the group's
         event timeline (0: none). ``failure_policy``: ``"continue"`` (default), ``"halt"``
-        or a ``FailurePolicy``; a stage may have its own."""
+        or a ``FailurePolicy``; a stage may have its own. ``ttl`` (seconds): a safety
+        net for a group that never ends (its workers gone, its jobs lost): every key of
+        the group expires that long after its creation unless it has ended by then."""
         if not isinstance(description, str):
             raise AstagesError(f"a group description must be a str, not {type(description).__name__}")
         if keep_for < 0 or events < 0:
             raise AstagesError(f"keep_for and events must be >= 0, not {keep_for!r} and {events!r}")
+        if ttl is not None and not ttl > 0:
+            raise AstagesError(f"ttl must be a number of seconds > 0, or None, not {ttl!r}")
         policy = FailurePolicy.of(failure_policy)
         store = Store(redis, Keys(prefix))
         created = now_ms()
@@ -128,6 +133,7 @@ class StagedGroup:
             math.ceil(keep_for),
             int(events),
             *policy.script_args(),
+            "" if ttl is None else created + math.ceil(ttl * 1000),
         )
         return cls(store, group_id, description, ms_to_datetime(created))
 
@@ -439,11 +445,18 @@ def within_a_grouping(
     keep_for: float = 0,
     events: int = DEFAULT_EVENTS,
     failure_policy: FailurePolicy | str | None = None,
+    ttl: float | None = None,
 ) -> _Grouping:
     """Create a group, let the block fill its stages, then initiate it.
 
     Inside the block every stage is pending, so ``enqueue`` only records jobs. Leaving
     the block starts the first stage. An exception in the block deletes the group
     (nothing was sent yet) and propagates. Options as for ``StagedGroup.create``."""
-    options = {"prefix": prefix, "keep_for": keep_for, "events": events, "failure_policy": failure_policy}
+    options = {
+        "prefix": prefix,
+        "keep_for": keep_for,
+        "events": events,
+        "failure_policy": failure_policy,
+        "ttl": ttl,
+    }
     return _Grouping(redis, description, options)

@@ -72,6 +72,17 @@ local function try_of(code)
   return tonumber(string.sub(code, 2)) or 0
 end
 
+local group_pttl = nil
+
+-- Keys created under a group that has a TTL (made with ttl=, or ended and kept with
+-- keep_for) expire with the group: a script passes every key it may have created.
+local function follow_ttl(...)
+  if group_pttl == nil then group_pttl = redis.call('PTTL', G) end
+  if group_pttl > 0 then
+    for _, k in ipairs({...}) do redis.call('PEXPIRE', k, group_pttl) end
+  end
+end
+
 local events_cap = nil
 
 -- Append a transition to the group's capped event stream (fields: a flat list).
@@ -79,6 +90,7 @@ local function event(fields)
   if events_cap == nil then events_cap = tonumber(redis.call('HGET', G, 'events') or '0') or 0 end
   if events_cap > 0 then
     redis.call('XADD', G .. ':events', 'MAXLEN', '~', events_cap, '*', unpack(fields))
+    follow_ttl(G .. ':events')
   end
 end
 
@@ -261,6 +273,7 @@ local function cancel_stage_jobs(n, now)
     count(sk, cur, code)
     cancelled = cancelled + 1
   end
+  follow_ttl(sk .. ':done')
   redis.call('DEL', sk .. ':open')
   redis.call('HSET', sk, 'cursor', redis.call('LLEN', sk .. ':jobs'))
   return cancelled

@@ -13,6 +13,7 @@ if n then
 end
 local field = ev .. ':' .. redis.call('HINCRBY', G, 'cbseq', 1)
 redis.call('HSET', G .. ':callbacks', field, ARGV[6])
+follow_ttl(G .. ':callbacks')
 if ev == 'failure' and redis.call('HEXISTS', G, 'failed_once') == 1 then
   local now = now_ms()
   keep_summary('failure', summary('running', now))

@@ -32,6 +32,7 @@ redis.call('RPUSH', sk .. ':jobs', unpack(seqs))
 redis.call('HSET', sk .. ':spec', unpack(specs))
 redis.call('HSET', sk .. ':open', unpack(opens))
 redis.call('HINCRBY', sk, 'pending', count_new)
+follow_ttl(sk .. ':jobs', sk .. ':spec', sk .. ':open')
 if st ~= 'running' then return {first, 0} end
 local now = now_ms()
 for _, seq in ipairs(seqs) do

@@ -11,4 +11,5 @@ redis.call('HSET', sk, 'number', n, 'status', 'pending', 'created', now_ms(),
   'cursor', 0, 'pending', 0, 'queued', 0, 'running', 0, 'pending_re_run', 0,
   'successful', 0, 'failed', 0, 'cancelled', 0, 'retried', 0)
 redis.call('ZADD', G .. ':stages', n, n)
+follow_ttl(sk, G .. ':stages')
 return 'pending'

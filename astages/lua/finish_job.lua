@@ -24,6 +24,7 @@ end
 redis.call('HDEL', sk .. ':open', seq)
 local code = outcome .. try
 redis.call('HSET', sk .. ':done', seq, code)
+follow_ttl(sk .. ':done', sk .. ':err')
 count(sk, cur, code)
 local now = now_ms()
 if outcome == 'f' then

@@ -6,7 +6,6 @@ if redis.call('HEXISTS', sk .. ':open', seq) == 0 and redis.call('HEXISTS', sk .
   return 0
 end
 redis.call('HSET', sk .. ':msg', seq, ARGV[7])
--- An ended group kept with keep_for expires: a message set since goes with it.
-local ttl = redis.call('PTTL', G)
-if ttl > 0 then redis.call('PEXPIRE', sk .. ':msg', ttl) end
+-- A group with a TTL (ttl=, or ended and kept): a message set since goes with it.
+follow_ttl(sk .. ':msg')
 return 1

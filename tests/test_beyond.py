@@ -374,7 +374,7 @@ async def test_newest_events(redis):
 
 async def test_safety_ttl_expires_a_group_that_never_ends(redis):
     """A group made with ttl= and never finished expires, every key of it; list() drops it."""
-    async with astages.within_a_grouping(redis, "abandoned", ttl=0.8) as group:
+    async with astages.within_a_grouping(redis, "abandoned", ttl=3) as group:
         stage = await group.stage(1)
         job = await stage.enqueue(work, "never run")
         await stage.on_complete(done, "x")
@@ -382,22 +382,22 @@ async def test_safety_ttl_expires_a_group_that_never_ends(redis):
     assert await finish(job, "e") == "retry"  # events, counters: keys made after creation
     keys = [k for k in await redis.keys("astages:{*") if b":summary:" not in k]
     assert len(keys) >= 6
-    assert all([0 < await redis.pttl(k) <= 800 for k in keys])
+    assert all([0 < await redis.pttl(k) <= 3000 for k in keys])
 
     async def expired() -> bool:
         return not await redis.keys("astages:{*")
 
-    await wait_for(expired, within=10, what="the group's keys to expire")
+    await wait_for(expired, within=15, what="the group's keys to expire")
     assert await StagedGroup.list(redis) == []
     assert await StagedGroup.count(redis) == 0
 
 
 async def test_safety_ttl_gives_way_to_keep_for(redis):
     """A group with ttl= that ends is deleted, or kept for keep_for, not cut short by ttl."""
-    async with astages.within_a_grouping(redis, "ends", ttl=600, keep_for=3) as group:
+    async with astages.within_a_grouping(redis, "ends", ttl=600, keep_for=30) as group:
         (job,) = await (await group.stage(1)).enqueue_many([(work, ("a",))])
     assert await finish(job, "s") == "finished"
     kept = [k for k in await redis.keys("astages:{*") if b":summary:" not in k]
-    assert kept and all([0 < await redis.ttl(k) <= 3 for k in kept])
+    assert kept and all([0 < await redis.ttl(k) <= 30 for k in kept])
     with pytest.raises(astages.AstagesError, match="ttl must be"):
         await StagedGroup.create(redis, "bad", ttl=0)

@@ -234,7 +234,7 @@ async def test_cancel_aborts_running_job(real_redis):
             return worker.jobs_failed == 1
 
         await wait_for(aborted, within=10, what="arq to abort the job")
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 15  # the job sleeps 30 s: aborted, not finished
         assert await job.status() is JobStatus.CANCELLED
     finally:
         task.cancel()

@@ -140,7 +140,7 @@ def test_wait_exit_status_says_how_the_group_ended(db_url: str) -> None:
     result = invoke("wait", running, "--timeout", "0.2", "--redis-url", db_url)
     assert result.exit_code == 2
     assert result.stderr == f"Error: group {running} did not end within 0.2s\n"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # gave up after its 0.2 s timeout, not later
 
 
 def test_events_prints_the_timeline(db_url: str) -> None:

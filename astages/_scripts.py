@@ -23,6 +23,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from astages._keys import Keys
 from astages.exceptions import CorruptRecord, GroupFinished, GroupNotFound, StageComplete, StageNotFound
+from astages.models import now_ms
 
 # How often a script call is tried when the server's script cache keeps being flushed
 # (redis-py reloads a script once on NOSCRIPT; every script is safe to repeat).
@@ -115,7 +116,7 @@ class Store:
     async def run_now(self, name: str, group_id: str, *args: Any) -> Any:
         """``run`` without writing buffered jobs first (the buffer's own calls)."""
         keys = (self.keys.group(group_id), self.keys.index)
-        argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, *args)
+        argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, now_ms(), *args)
         try:
             for _ in range(NOSCRIPT_TRIES - 1):
                 try:

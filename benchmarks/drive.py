@@ -84,7 +84,7 @@ async def complete_pipelined(redis: ArqRedis, group_id: str, stage: int, seqs: S
     cache (another client of the server ran SCRIPT FLUSH) is simply sent again."""
     store = Store(redis, Keys())
     keys = (store.keys.group(group_id), store.keys.index)
-    base = (store.keys.job_id_base(group_id), job_key_prefix, store.expires_extra_ms, SEND_LIMIT)
+    base = (store.keys.job_id_base(group_id), job_key_prefix, store.expires_extra_ms, SEND_LIMIT, "")
     start, finish = SCRIPTS["start_job"], SCRIPTS["finish_job"]
     for i in range(0, len(seqs), batch):
         for _ in range(5):

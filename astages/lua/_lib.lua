@@ -8,7 +8,8 @@
 --   ARGV[2]  arq's job key prefix ("arq:job:")
 --   ARGV[3]  arq's expires_extra_ms (how long an unsent job record lives after its score)
 --   ARGV[4]  how many jobs one call may hand to arq (initiation is sent in chunks)
--- Script specific arguments start at ARGV[5].
+--   ARGV[5]  the caller's clock (epoch ms; '' when unknown), see due()
+-- Script specific arguments start at ARGV[6].
 --
 -- Layout of a group (G = KEYS[1]):
 --   G               hash   description, created, status (pending, running, then complete,
@@ -39,6 +40,7 @@ local IDBASE = ARGV[1]
 local ARQ_JOB = ARGV[2]
 local EXPIRES_EXTRA = tonumber(ARGV[3])
 local SEND_LIMIT = tonumber(ARGV[4])
+local CALLER_NOW = tonumber(ARGV[5])
 -- arq's set of jobs to abort, beside its job keys ("arq:job:" -> "arq:abort").
 local ARQ_ABORT = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'abort'
 
@@ -55,6 +57,15 @@ local MAX_FAILED_IDS = 1000
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The score of a job due now. arq takes a job when its score is not after the worker's own
+-- clock, so a job scored with Redis' clock would wait for a worker whose clock is behind
+-- Redis by the skew: it gets the earlier of Redis' clock and the caller's (the worker
+-- whose report starts a stage, or the client that starts it).
+local function due(now)
+  if CALLER_NOW and CALLER_NOW < now then return CALLER_NOW end
+  return now
 end
 
 local function stage_key(n)
@@ -116,8 +127,8 @@ end
 -- entry, for the caller to add. An "in" delay counts from now.
 local function write_arq_record(spec, job_id, now)
   local kind, when, expires, queue, payload = parse_spec(spec)
-  local score = now
-  if kind == 'a' then score = when elseif kind == 'i' then score = now + when end
+  local score = due(now)
+  if kind == 'a' then score = when elseif kind == 'i' then score = score + when end
   local ttl = expires
   -- A time already past (the stage started after it) runs now: its record lives from now.
   if ttl <= 0 then ttl = math.max(score, now) - now + EXPIRES_EXTRA end

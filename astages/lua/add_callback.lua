@@ -1,10 +1,10 @@
--- Register a callback job: ARGV[5] event (complete, success, failure, stage.<n>),
--- ARGV[6] its job spec. A failure callback registered after the group's first failure
+-- Register a callback job: ARGV[6] event (complete, success, failure, stage.<n>),
+-- ARGV[7] its job spec. A failure callback registered after the group's first failure
 -- fires at once. Returns the callback's field "<event>:<k>", or 'GROUP_GONE',
 -- 'GROUP_FINISHED', 'STAGE_GONE', 'STAGE_COMPLETE'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
 if group_final() then return 'GROUP_FINISHED' end
-local ev = ARGV[5]
+local ev = ARGV[6]
 local n = string.match(ev, '^stage%.(.+)$')
 if n then
   local st = redis.call('HGET', stage_key(n), 'status')
@@ -12,11 +12,11 @@ if n then
   if st == 'complete' or st == 'cancelled' then return 'STAGE_COMPLETE' end
 end
 local field = ev .. ':' .. redis.call('HINCRBY', G, 'cbseq', 1)
-redis.call('HSET', G .. ':callbacks', field, ARGV[6])
+redis.call('HSET', G .. ':callbacks', field, ARGV[7])
 follow_ttl(G .. ':callbacks')
 if ev == 'failure' and redis.call('HEXISTS', G, 'failed_once') == 1 then
   local now = now_ms()
   keep_summary('failure', summary('running', now))
-  write_arq_job(ARGV[6], IDBASE .. 'cb:' .. field, now)
+  write_arq_job(ARGV[7], IDBASE .. 'cb:' .. field, now)
 end
 return field

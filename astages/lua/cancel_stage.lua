@@ -1,9 +1,9 @@
--- Cancel stage ARGV[5]: its jobs not yet final are cancelled, its
+-- Cancel stage ARGV[6]: its jobs not yet final are cancelled, its
 -- callbacks fire, and a running group moves on to its next stage.
 -- Returns {outcome, stage, jobs still to send} or 'GROUP_GONE', 'STAGE_GONE',
 -- 'STAGE_COMPLETE', 'STAGE_CANCELLED'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
-local n = ARGV[5]
+local n = ARGV[6]
 local st = redis.call('HGET', stage_key(n), 'status')
 if not st then return 'STAGE_GONE' end
 if st == 'complete' then return 'STAGE_COMPLETE' end

@@ -1,9 +1,9 @@
--- Delete job ARGV[6] of stage ARGV[5]; a job not yet started is taken out of arq's
+-- Delete job ARGV[7] of stage ARGV[6]; a job not yet started is taken out of arq's
 -- queue. Deleting the last open job of a running stage completes it and moves the
 -- group on. Returns {outcome, stage, jobs still to send}; outcome 'gone' when there
 -- was no such job.
 if redis.call('EXISTS', G) == 0 then return {'gone', '', 0} end
-local n, seq = ARGV[5], ARGV[6]
+local n, seq = ARGV[6], ARGV[7]
 local sk = stage_key(n)
 local cur = redis.call('HGET', sk .. ':open', seq)
 local fin = redis.call('HGET', sk .. ':done', seq)

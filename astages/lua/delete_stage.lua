@@ -1,9 +1,9 @@
--- Delete stage ARGV[5] and its jobs; jobs not yet started leave arq's queue. When the
+-- Delete stage ARGV[6] and its jobs; jobs not yet started leave arq's queue. When the
 -- group is running it moves on (a deleted running stage does not leave it stuck).
 -- Returns {outcome, stage, jobs still to send}; outcome 'gone' when there was no
 -- such stage.
 if redis.call('EXISTS', G) == 0 then return {'gone', '', 0} end
-local n = ARGV[5]
+local n = ARGV[6]
 local sk = stage_key(n)
 if redis.call('EXISTS', sk) == 0 then return {'gone', n, 0} end
 local open = redis.call('HGETALL', sk .. ':open')

@@ -1,30 +1,35 @@
--- Record jobs in stage ARGV[5]; ARGV[6] is the call's request token, ARGV[7] the seq of
+-- Record jobs in stage ARGV[6]; ARGV[7] is the call's request token, ARGV[8] the seq of
 -- the first job when reserved beforehand (reserve.lua; '' to take new ones here),
--- ARGV[8..] are the jobs' specs (see _lib.lua). A pending stage only records them; a running stage hands
+-- ARGV[9..] are the jobs' specs (see _lib.lua). A pending stage only records them; a running stage hands
 -- them to arq at once. The same token twice in a row (a call repeated because its reply
 -- was lost on a dropped connection) records nothing more and gives the first reply.
 -- Returns {first seq, 1 if sent else 0} or an error code:
 -- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
-local n = ARGV[5]
+local n = ARGV[6]
 local sk = stage_key(n)
 local st = redis.call('HGET', sk, 'status')
 if not st then return 'STAGE_GONE' end
 if st == 'complete' then return 'STAGE_COMPLETE' end
 if st == 'cancelled' then return 'STAGE_CANCELLED' end
-local count_new = #ARGV - 7
+local count_new = #ARGV - 8
 if count_new < 1 then return {0, 0} end
 local seen = redis.call('HMGET', sk, 'req', 'req_first')
-if seen[1] == ARGV[6] then return {tonumber(seen[2]), st == 'running' and 1 or 0} end
-local first = tonumber(ARGV[7])
+if seen[1] == ARGV[7] then return {tonumber(seen[2]), st == 'running' and 1 or 0} end
+local first = tonumber(ARGV[8])
+-- Reserved seqs written already (a buffer's write repeated after it failed on a lost
+-- reply): the jobs are there, record nothing more.
+if first and redis.call('HEXISTS', sk .. ':spec', first) == 1 then
+  return {first, st == 'running' and 1 or 0}
+end
 if not first then first = redis.call('HINCRBY', sk, 'seq', count_new) - count_new + 1 end
-redis.call('HSET', sk, 'req', ARGV[6], 'req_first', first)
+redis.call('HSET', sk, 'req', ARGV[7], 'req_first', first)
 local seqs, specs, opens = {}, {}, {}
 for i = 1, count_new do
   local seq = first + i - 1
   seqs[#seqs + 1] = seq
   specs[#specs + 1] = seq
-  specs[#specs + 1] = ARGV[7 + i]
+  specs[#specs + 1] = ARGV[8 + i]
   opens[#opens + 1] = seq
   opens[#opens + 1] = 'p'
 end

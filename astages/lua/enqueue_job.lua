@@ -1,8 +1,8 @@
--- Send job ARGV[6] of stage ARGV[5] to arq now: a pending job is queued, a job waiting
+-- Send job ARGV[7] of stage ARGV[6] to arq now: a pending job is queued, a job waiting
 -- for a retry is moved to the front of its queue. Returns 'queued', 'hurried', or
 -- 'gone', 'final', 'busy' (queued or running already).
 if redis.call('EXISTS', G) == 0 then return 'gone' end
-local n, seq = ARGV[5], ARGV[6]
+local n, seq = ARGV[6], ARGV[7]
 local sk = stage_key(n)
 local cur = redis.call('HGET', sk .. ':open', seq)
 if not cur then
@@ -18,7 +18,7 @@ if c == 'p' then
 end
 if c == 'e' then
   local _, _, _, queue, _ = parse_spec(redis.call('HGET', sk .. ':spec', seq))
-  redis.call('ZADD', queue, 'XX', now, IDBASE .. n .. ':' .. seq)
+  redis.call('ZADD', queue, 'XX', due(now), IDBASE .. n .. ':' .. seq)
   return 'hurried'
 end
 return 'busy'

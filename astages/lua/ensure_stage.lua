@@ -1,7 +1,7 @@
--- Get or create stage ARGV[5] of the group.
+-- Get or create stage ARGV[6] of the group.
 -- Returns the stage's status, or the error code 'GROUP_GONE' or 'GROUP_FINISHED'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
-local n = ARGV[5]
+local n = ARGV[6]
 local sk = stage_key(n)
 local st = redis.call('HGET', sk, 'status')
 if st then return st end

@@ -1,9 +1,9 @@
--- Start stage ARGV[5] (or keep sending it when it runs already); the group is in
+-- Start stage ARGV[6] (or keep sending it when it runs already); the group is in
 -- motion from then on. An empty stage completes at once and the group moves on.
 -- Returns {outcome, stage, jobs still to send} or 'GROUP_GONE', 'STAGE_GONE',
 -- 'STAGE_COMPLETE', 'STAGE_CANCELLED'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
-local n = ARGV[5]
+local n = ARGV[6]
 local sk = stage_key(n)
 local st = redis.call('HGET', sk, 'status')
 if not st then return 'STAGE_GONE' end

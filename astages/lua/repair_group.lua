@@ -1,4 +1,4 @@
--- The Cleaner's orphan repair for one group (see astages/cleaner.py). ARGV[5..] are the
+-- The Cleaner's orphan repair for one group (see astages/cleaner.py). ARGV[6..] are the
 -- stage numbers SCAN found keys for. Recreates what is missing, with the same ids (a
 -- staged job's arq id names its group and stage, so they cannot move):
 --   a stage's keys without the stage hash -> the stage hash, counters from its jobs;
@@ -17,7 +17,7 @@ local function note(n)
   n = tostring(n)
   if not numbers[n] then numbers[n] = true; order[#order + 1] = n end
 end
-for i = 5, #ARGV do note(ARGV[i]) end
+for i = 6, #ARGV do note(ARGV[i]) end
 for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do note(n) end
 local live, running = 0, false
 for _, n in ipairs(order) do

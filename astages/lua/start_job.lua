@@ -1,8 +1,8 @@
--- A worker picked up try ARGV[7] of job ARGV[6] of stage ARGV[5].
+-- A worker picked up try ARGV[8] of job ARGV[7] of stage ARGV[6].
 -- Returns 'run' (now running), or why it must not run: 'gone' (no such job, stage or
 -- group) or 'final' (it finished already; arq re-delivered it).
 if redis.call('EXISTS', G) == 0 then return 'gone' end
-local n, seq, try = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local n, seq, try = ARGV[6], ARGV[7], tonumber(ARGV[8])
 local sk = stage_key(n)
 if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return 'final' end
 local cur = redis.call('HGET', sk .. ':open', seq)

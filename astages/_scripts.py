@@ -83,7 +83,9 @@ class Motion:
 
 # Scripts after which the stages of a group filled in within_a_grouping are all still
 # pending, so enqueued jobs may keep being buffered (any other call ends the buffering).
-_KEEPS_STAGES_PENDING = frozenset({"create_group", "ensure_stage", "add_callback", "configure", "set_message"})
+_KEEPS_STAGES_PENDING = frozenset(
+    {"create_group", "ensure_stage", "add_callback", "configure", "set_message", "enqueue", "reserve"}
+)
 
 
 class Store:
@@ -108,8 +110,10 @@ class Store:
     async def run(self, name: str, group_id: str, *args: Any) -> Any:
         """Run script ``name`` for ``group_id`` with its own ``args`` (ARGV[5..])."""
         await self.flush()
-        if name not in _KEEPS_STAGES_PENDING:
-            # a stage may start now: later jobs must be recorded (and sent) at once
+        if name not in _KEEPS_STAGES_PENDING and self.buffer is not None:
+            # a stage may start now: later jobs must be recorded (and sent) at once,
+            # those of tasks still reserving their ids in the buffer included
+            self.buffer.closed = True
             self.buffer = None
         return await self.run_now(name, group_id, *args)
 
@@ -150,7 +154,10 @@ class RecordBuffer:
     ``enqueue`` returns is complete at once. The buffer is written when it holds
     ``RECORD_BATCH`` jobs, before any other script call or read through the same group
     (``Store.flush``), and when the block ends. An exception in the block drops it with
-    the group."""
+    the group. Once a call that may start a stage ends the buffering, the buffer is
+    ``closed``: a job added by a task that was still reserving its seq is written at once.
+    A write that fails keeps what it did not write (the next flush writes it; a run whose
+    reply was lost is not recorded twice: enqueue.lua skips reserved seqs it has)."""
 
     def __init__(self, group_id: str, batch: int) -> None:
         self.group_id = group_id
@@ -158,6 +165,7 @@ class RecordBuffer:
         self.pending: list[tuple[int, int, bytes]] = []  # (stage, seq, spec) in enqueue order
         self._ranges: dict[int, tuple[int, int, int]] = {}  # stage -> (next seq, last reserved, size)
         self._lock = asyncio.Lock()
+        self.closed = False
 
     async def seq(self, store: Store, number: int) -> int:
         """The next seq of stage ``number``, reserving a range when the last is used up
@@ -174,7 +182,7 @@ class RecordBuffer:
 
     async def add(self, store: Store, number: int, seq: int, spec: bytes) -> None:
         self.pending.append((number, seq, spec))
-        if len(self.pending) >= self.batch:
+        if self.closed or len(self.pending) >= self.batch:
             await self.flush(store)
 
     async def flush(self, store: Store) -> None:
@@ -185,16 +193,20 @@ class RecordBuffer:
         async with self._lock:
             todo, self.pending = self.pending, []
             start = 0
-            while start < len(todo):
-                # one call per run of consecutive seqs of one stage (usually: a whole stage)
-                number, first, _ = todo[start]
-                end = start + 1
-                while end < len(todo) and todo[end][0] == number and todo[end][1] == first + (end - start):
-                    end += 1
-                specs = [spec for _, _, spec in todo[start:end]]
-                reply = await store.run_now("enqueue", self.group_id, number, secrets.token_hex(8), first, *specs)
-                raise_code(reply, self.group_id, number)
-                start = end
+            try:
+                while start < len(todo):
+                    # one call per run of consecutive seqs of one stage (usually: a whole stage)
+                    number, first, _ = todo[start]
+                    end = start + 1
+                    while end < len(todo) and todo[end][0] == number and todo[end][1] == first + (end - start):
+                        end += 1
+                    specs = [spec for _, _, spec in todo[start:end]]
+                    reply = await store.run_now("enqueue", self.group_id, number, secrets.token_hex(8), first, *specs)
+                    raise_code(reply, self.group_id, number)
+                    start = end
+            except BaseException:
+                self.pending[:0] = todo[start:]  # not written (or not known to be): kept
+                raise
 
 
 def raise_code(reply: Any, group_id: str, number: Any) -> None:

@@ -134,3 +134,69 @@ async def test_failed_write_at_the_end_removes_the_group(redis):
             await (await other.get_stage(1)).delete()
     assert not await group.exists()
     assert await redis.keys("astages:*") == []
+
+
+async def test_concurrent_enqueues_beside_a_bulk_call_all_land(real_redis):
+    """Single enqueues gathered with an enqueue_many in the block are all recorded (a task
+    that was reserving ids used to add to a buffer the bulk call had meanwhile detached)."""
+    async with astages.within_a_grouping(real_redis, "gather") as group:
+        s1, s2 = await group.stage(1), await group.stage(2)
+        results = await asyncio.gather(
+            *(s1.enqueue(work, i) for i in range(100)), s2.enqueue_many([(work, (i,)) for i in range(10)])
+        )
+    assert len(results) == 101
+    assert await s1.num_jobs() == 100
+    assert await s2.num_jobs() == 10
+    assert sorted(j.args[0] for j in await s1.jobs()) == list(range(100))
+    assert (await s1.progress()).queued == 100  # stage 1 started with every job
+
+
+async def test_flush_failing_midway_keeps_what_it_did_not_write(redis, monkeypatch):
+    """A write of the buffer that fails part-way (a dropped connection) loses nothing: the
+    block catches the error, goes on, and every job whose handle exists is recorded once,
+    the run whose reply was lost included."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from astages._scripts import Store
+
+    original = Store.run_now
+    enqueues = 0
+
+    async def flaky(self, name, group_id, *args):
+        nonlocal enqueues
+        if name == "enqueue":
+            enqueues += 1
+            if enqueues == 3:
+                await original(self, name, group_id, *args)  # Redis ran it; the reply is lost
+                raise RedisConnectionError("connection dropped")
+            if enqueues == 4:
+                raise RedisConnectionError("connection dropped")  # never reached Redis
+        return await original(self, name, group_id, *args)
+
+    monkeypatch.setattr(Store, "run_now", flaky)
+    async with astages.within_a_grouping(redis, "flaky", prefix="astages") as group:
+        s1, s2 = await group.stage(1), await group.stage(2)
+        handles = []
+        for i in range(6):  # alternating stages: one run per job, one call per run
+            handles.append(await s1.enqueue(work, f"a{i}"))
+            handles.append(await s2.enqueue(work, f"b{i}"))
+        with pytest.raises(RedisConnectionError):
+            await group.store.flush()
+        with pytest.raises(RedisConnectionError):
+            await group.store.flush()
+        handles.append(await s1.enqueue(work, "a6"))
+    assert [j.args[0] for j in await s1.jobs()] == [f"a{i}" for i in range(7)]
+    assert [j.args[0] for j in await s2.jobs()] == [f"b{i}" for i in range(6)]
+    assert {j.id for j in await s1.jobs()} | {j.id for j in await s2.jobs()} == {h.id for h in handles}
+    assert (await s1.progress()).queued == 7
+
+
+async def test_enqueues_still_reserving_when_buffering_ends_are_written(real_redis):
+    """A call that ends the buffering (here a stage deleted) while enqueues are reserving
+    their ids: those jobs are written at once instead of into a buffer nobody flushes."""
+    async with astages.within_a_grouping(real_redis, "ending") as group:
+        s1, s3 = await group.stage(1), await group.stage(3)
+        await asyncio.gather(*(s1.enqueue(work, i) for i in range(100)), s3.delete())
+        assert group.store.buffer is None
+    assert await s1.num_jobs() == 100
+    assert (await s1.progress()).queued == 100

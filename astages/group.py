@@ -388,10 +388,31 @@ class GroupEnding:
         group = self.group
         raw = await group.redis.hmget(group.store.keys.group(group.id), ["status", "summary"])
         if raw[0] is None:
-            raise GroupNotFound(group.id)
+            # Gone: it may have ended since the subscription was confirmed, and then its
+            # summary is on the subscription already.
+            summary = await self._published()
+            if summary is None:
+                raise GroupNotFound(group.id)
+            return summary
         if raw[1] is not None:
             return GroupSummary.from_json(raw[1])
         return await self.wait(timeout)
+
+    async def _published(self) -> GroupSummary | None:
+        """The summary published before now, if any: Redis answers a PING on the
+        subscription after every message it published to it before the PING."""
+        await self._pubsub.ping()
+        with anyio.fail_after(10):
+            async for message in self._pubsub.listen():
+                kind = message.get("type")
+                if kind == "pong":
+                    return None
+                if kind == "message":
+                    if json.loads(message["data"]).get("outcome") == "deleted":
+                        self.deleted = True
+                        return None
+                    return GroupSummary.from_json(message["data"])
+        return None  # pragma: no cover - fail_after raises first
 
     async def wait(self, timeout: float | None = None) -> GroupSummary:  # noqa: ASYNC109
         """Like ``summary`` but raises GroupNotFound when the group was deleted and

@@ -18,6 +18,7 @@ from astages.exceptions import (
     RetriesExhausted,
     StageComplete,
     StageNotFound,
+    StageNotRunning,
 )
 from astages.group import StagedGroup, within_a_grouping
 from astages.job import StagedJob
@@ -66,6 +67,7 @@ __all__ = [
     "StageComplete",
     "StageInfo",
     "StageNotFound",
+    "StageNotRunning",
     "StageProgress",
     "StageStatus",
     "StageSummary",

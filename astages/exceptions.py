@@ -7,6 +7,7 @@ AstagesError
 ├── GroupFinished          the group ended (it was kept with keep_for) and takes no changes
 ├── StageComplete          a complete (or cancelled) stage takes no new jobs
 ├── JobNotPending          the job cannot be sent to arq in its current status
+├── StageNotRunning        a job of a stage that has not started cannot be sent
 ├── InvalidStageNumber     a stage number that is not an int
 ├── InvalidJobFunction     neither a function name nor a coroutine function
 ├── InvalidStatusMessage   a status message that is not a str, or too long
@@ -33,6 +34,7 @@ __all__ = [
     "RetriesExhausted",
     "StageComplete",
     "StageNotFound",
+    "StageNotRunning",
 ]
 
 
@@ -137,3 +139,13 @@ class RetriesExhausted(AstagesError):
     def __init__(self, max_tries: int) -> None:
         self.max_tries = max_tries
         super().__init__(f"max {max_tries} retries exceeded")
+
+
+class StageNotRunning(AstagesError):
+    def __init__(self, group_id: str, number: int) -> None:
+        self.group_id = group_id
+        self.number = number
+        super().__init__(
+            f"stage {number} of group {group_id!r} has not started, so its jobs are not sent yet (one sent now "
+            "would run before the stages ahead of it ended); initiate the group, or the stage"
+        )

@@ -10,7 +10,7 @@ from arq.jobs import DeserializationError, deserialize_job_raw
 
 from astages._keys import DEFAULT_PREFIX, JobRef, Keys
 from astages._scripts import Motion, Store, text
-from astages.exceptions import CorruptRecord, InvalidStatusMessage, JobNotFound, JobNotPending
+from astages.exceptions import CorruptRecord, InvalidStatusMessage, JobNotFound, JobNotPending, StageNotRunning
 from astages.models import JobInfo, JobStatus, Schedule, decode_code, decode_spec, ms_to_datetime
 
 if TYPE_CHECKING:
@@ -231,12 +231,16 @@ class StagedJob:
         return StagedGroupStage(StagedGroup(store, ref.group_id), ref.stage)
 
     async def enqueue_job(self) -> None:
-        """Send the job to arq now: a pending job is queued; a job waiting for a retry is
-        moved to the front of its queue."""
+        """Send the job to arq now: a pending job of a running stage is queued (ahead of
+        the stage's jobs not yet sent); a job waiting for a retry is moved to the front of
+        its queue. A job of a pending stage is not sent (``StageNotRunning``): it would
+        run before the stages ahead of it ended."""
         store, ref = self._bound()
         outcome = text(await store.run("enqueue_job", ref.group_id, ref.stage, ref.seq))
         if outcome == "gone":
             raise JobNotFound(str(self.id))
+        if outcome == "not_running":
+            raise StageNotRunning(ref.group_id, ref.stage)
         if outcome in ("final", "busy"):
             raise JobNotPending(str(self.id), (await self.status()).value)
 

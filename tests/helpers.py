@@ -61,3 +61,16 @@ async def stop_when_idle(worker: arq.worker.Worker, task: asyncio.Future[Any]) -
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await worker.close()
+
+
+async def start_unsent(group: astages.StagedGroup, number: int, send: int = 0) -> None:
+    """Start stage ``number`` with only its first ``send`` jobs sent to arq, as while a
+    big stage is being sent in chunks, so a test can send others with ``job.enqueue_job()``."""
+    import astages._scripts as scripts
+
+    saved = scripts.SEND_LIMIT
+    scripts.SEND_LIMIT = send
+    try:
+        await group.store.run("initiate_stage", group.id, number)
+    finally:
+        scripts.SEND_LIMIT = saved

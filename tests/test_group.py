@@ -275,7 +275,10 @@ async def test_job_accessors(redis):
     assert await job.status_message() == ""
     assert await job.set_status_message("half way")
     assert await loaded.status_message() == "half way"
-    await job.enqueue_job()
+    with pytest.raises(astages.StageNotRunning):
+        await job.enqueue_job()  # its stage is pending: sending it would run it early
+    assert await job.pending()
+    await group.initiate()
     assert await job.queued() and not await job.pending()
     with pytest.raises(astages.JobNotPending):
         await job.enqueue_job()

@@ -49,3 +49,33 @@ async def test_wait_racing_the_end_never_misses_it(real_redis):
         finish = group.store.move("finish_job", group.id, 1, job.ref.seq, 1, "s", "")
         summary, _ = await asyncio.gather(group.wait(timeout=10), finish)
         assert summary.outcome == "complete"
+
+
+async def test_a_job_of_a_pending_stage_is_not_sent(redis):
+    """job.enqueue_job() on a job of a stage that has not started refuses (StageNotRunning)
+    and sends nothing: it would run beside, or before, the stages ahead of it."""
+    group = await StagedGroup.create(redis, "early")
+    first = await (await group.stage(1)).enqueue(work, 1)
+    later = await (await group.stage(2)).enqueue(work, 2)
+    await group.initiate()
+    with pytest.raises(astages.StageNotRunning):
+        await later.enqueue_job()
+    assert await later.pending()
+    assert await redis.zrange("arq:queue", 0, -1) == [str(first.id).encode()]
+    assert await astages.Cleaner.check(redis) == {}
+
+
+async def test_a_pending_job_of_a_running_stage_is_sent(redis):
+    """job.enqueue_job() sends a job its running stage has not sent yet (chunked sending)."""
+    from helpers import start_unsent
+
+    group = await StagedGroup.create(redis, "chunked")
+    jobs = await (await group.stage(1)).enqueue_many([(work, (i,)) for i in range(5)])
+    await start_unsent(group, 1)
+    await jobs[3].enqueue_job()
+    assert [await j.status() for j in jobs] == [astages.JobStatus.PENDING] * 3 + [
+        astages.JobStatus.QUEUED,
+        astages.JobStatus.PENDING,
+    ]
+    assert await redis.zrange("arq:queue", 0, -1) == [str(jobs[3].id).encode()]
+    assert await astages.Cleaner.check(redis) == {}

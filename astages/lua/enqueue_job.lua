@@ -1,6 +1,8 @@
--- Send job ARGV[7] of stage ARGV[6] to arq now: a pending job is queued, a job waiting
--- for a retry is moved to the front of its queue. Returns 'queued', 'hurried', or
--- 'gone', 'final', 'busy' (queued or running already).
+-- Send job ARGV[7] of stage ARGV[6] to arq now: a pending job of a running stage is
+-- queued, a job waiting for a retry is moved to the front of its queue. A job of a stage
+-- that is not running is not sent (it would run before the stages ahead of it ended).
+-- Returns 'queued', 'hurried', or 'gone', 'final', 'busy' (queued or running already),
+-- 'not_running' (its stage is pending).
 if redis.call('EXISTS', G) == 0 then return 'gone' end
 local n, seq = ARGV[6], ARGV[7]
 local sk = stage_key(n)
@@ -12,13 +14,18 @@ end
 local now = now_ms()
 local c = string.sub(cur, 1, 1)
 if c == 'p' then
-  send(sk, n, seq, now)
+  if redis.call('HGET', sk, 'status') ~= 'running' then return 'not_running' end
+  if not send(sk, n, seq, now) then
+    -- its spec was unusable: it failed instead (it may have been the stage's last open job)
+    if sent_failed(n, 1) then stop_group(now, 'failed') else after_job_left(n, now) end
+    return 'final'
+  end
   event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'queued'})
   return 'queued'
 end
 if c == 'e' then
   local _, _, _, queue, _ = parse_spec(redis.call('HGET', sk .. ':spec', seq))
-  redis.call('ZADD', queue, 'XX', due(now), IDBASE .. n .. ':' .. seq)
+  if queue then redis.call('ZADD', queue, 'XX', int(due(now)), job_id(n, seq)) end
   return 'hurried'
 end
 return 'busy'

@@ -10,7 +10,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.jobs import DeserializationError, Job, JobResult
 
-from astages._scripts import Store
+from astages._scripts import Store, text
 from astages.group import StagedGroup
 from astages.job import StagedJob
 from astages.models import JobInfo, ms_to_datetime
@@ -53,6 +53,13 @@ class JobDetail:
     group_description: str
     seq: int
     arq: ArqView
+    stage_status: str = ""
+
+    @property
+    def sendable(self) -> bool:
+        """Queue Job applies: a pending job of a running stage (one of a stage that has
+        not started would run before the stages ahead of it)."""
+        return self.info.status.value == "pending" and self.stage_status == "running"
 
     @property
     def live(self) -> bool:
@@ -73,6 +80,7 @@ class JobDetail:
             "queue_time": iso(info.queue_time),
             "schedule": info.schedule.describe(),
             "status": info.status.value,
+            "stage_status": self.stage_status,
             "tries": info.tries,
             "status_message": info.status_message,
             "error": info.error,
@@ -126,4 +134,5 @@ async def job_detail(store: Store, group_id: str, number: int, seq: int) -> JobD
     job = await StagedJob.load(store.redis, job_id, prefix=store.keys.prefix)
     info = await job.info()
     view = await arq_view(store.redis, job_id, info.queue_name)
-    return JobDetail(info, group.description, seq, view)
+    stage_status = await store.redis.hget(store.keys.stage(group_id, number), "status")
+    return JobDetail(info, group.description, seq, view, "" if stage_status is None else text(stage_status))

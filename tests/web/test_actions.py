@@ -8,6 +8,7 @@ import base64
 import httpx
 import pytest
 from arq.connections import ArqRedis
+from helpers import start_unsent
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -41,6 +42,12 @@ async def test_initiate_stage_then_queue_and_delete_job(client: httpx.AsyncClien
     (job,) = await stage.jobs()
     assert job.ref is not None
     job_page = f"/groups/{sample.running.id}/stages/2/jobs/{job.ref.seq}"
+    assert "Queue Job" not in (await client.get(job_page)).text  # stage 2 has not started
+    refused = await post_form(client, job_page, job_page + "/queue", confirmed=False)
+    assert "has not started" in (flash_of((await _follow(client, refused)).text) or "")
+    assert await job.status() == astages.JobStatus.PENDING
+    await start_unsent(sample.running, 2)  # stage 2 runs, its job not sent yet
+    assert "Queue Job" in (await client.get(job_page)).text
     reply = await post_form(client, job_page, job_page + "/queue", confirmed=False)
     shown = await _follow(client, reply)
     assert "Sent job work" in (flash_of(shown.text) or "")

@@ -7,6 +7,7 @@ import time
 
 import httpx
 from arq.connections import ArqRedis
+from helpers import start_unsent
 
 import astages
 from astages.web import create_app
@@ -22,6 +23,7 @@ async def test_views_of_a_100k_stage_stay_bounded(real_redis: ArqRedis) -> None:
     group = await astages.StagedGroup.create(real_redis, "huge")
     stage = await group.stage(1)
     jobs = await stage.enqueue_many([("work", (i, "payload" * 3)) for i in range(JOBS)])
+    await start_unsent(group, 1)
     for job in jobs[-5:]:
         await job.enqueue_job()
     await jobs[77_777].set_status_message("needle")

@@ -6,6 +6,7 @@ import re
 
 import httpx
 from arq.connections import ArqRedis
+from helpers import start_unsent
 
 import astages
 from web.helpers import XSS, make_sample, work
@@ -112,10 +113,13 @@ async def test_stage_page_and_job_page(client: httpx.AsyncClient, redis: ArqRedi
 
 
 async def test_queue_job_button_only_when_pending(client: httpx.AsyncClient, redis: ArqRedis) -> None:
-    """A pending job's page offers Queue Job; a pending stage offers Initiate."""
+    """A pending job's page offers Queue Job once its stage runs; a pending stage offers Initiate."""
     sample = await make_sample(redis)
     job = (await (await sample.pending.stage(1)).jobs())[0]
     assert job.ref is not None
+    page = await client.get(f"/groups/{sample.pending.id}/stages/1/jobs/{job.ref.seq}")
+    assert "Queue Job" not in page.text and "Delete Job" in page.text  # its stage has not started
+    await start_unsent(sample.pending, 1)
     page = await client.get(f"/groups/{sample.pending.id}/stages/1/jobs/{job.ref.seq}")
     assert "Queue Job" in page.text and "Delete Job" in page.text
     assert "data-live-url" not in page.text  # nothing to follow until it is sent
@@ -161,8 +165,7 @@ async def test_stage_sorts_filters_and_pages(fake_client: httpx.AsyncClient, fak
     group = await astages.StagedGroup.create(fake_redis, "big")
     stage = await group.stage(1)
     jobs = await stage.enqueue_many([("beta" if i % 2 else "alpha", (i,)) for i in range(120)])
-    for job in jobs[:7]:
-        await job.enqueue_job()  # 7 queued, the rest pending
+    await start_unsent(group, 1, send=7)  # 7 queued, the rest pending
     for job in jobs[100:103]:
         await job.set_status_message(f"zz {job.args[0]}")
     base = f"/api/groups/{group.id}/stages/1"

@@ -79,3 +79,20 @@ async def test_a_pending_job_of_a_running_stage_is_sent(redis):
     ]
     assert await redis.zrange("arq:queue", 0, -1) == [str(jobs[3].id).encode()]
     assert await astages.Cleaner.check(redis) == {}
+
+
+async def test_every_key_of_a_ttl_group_expires_after_a_failure(real_redis):
+    """A ttl= group's stage whose first job fails: its :err hash gets the group's TTL too
+    (it was created without one, outlived the group, and the Cleaner rebuilt a ghost
+    group from it)."""
+    group = await StagedGroup.create(real_redis, "ttl", ttl=3600)
+    jobs = await (await group.stage(1)).enqueue_many([(work, (i,)) for i in range(2)])
+    await group.initiate()
+    ref = jobs[0].ref
+    assert ref is not None
+    await group.store.run("start_job", group.id, 1, ref.seq, 1)
+    await group.store.move("finish_job", group.id, 1, ref.seq, 1, "f", "boom")
+    keys = await real_redis.keys(f"astages:{{{group.id}}}*")
+    assert any(k.endswith(b":err") for k in keys)
+    assert {k: await real_redis.pttl(k) > 0 for k in keys} == {k: True for k in keys}
+    assert await astages.Cleaner.check(real_redis) == {}

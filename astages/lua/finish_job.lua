@@ -24,11 +24,13 @@ end
 redis.call('HDEL', sk .. ':open', seq)
 local code = outcome .. try
 redis.call('HSET', sk .. ':done', seq, code)
-follow_ttl(sk .. ':done', sk .. ':err')
 count(sk, cur, code)
 local now = now_ms()
 if outcome == 'f' then
   redis.call('HSET', sk .. ':err', seq, ARGV[10])
+end
+follow_ttl(sk .. ':done', sk .. ':err')  -- after the writes: PEXPIRE of a missing key does nothing
+if outcome == 'f' then
   event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'failed', 'try', try,
     'error', string.sub(ARGV[10], 1, 200)})
   if redis.call('HSETNX', G, 'failed_once', now) == 1 then fire('failure', 'running', now) end

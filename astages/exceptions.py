@@ -19,6 +19,8 @@ AstagesError
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AstagesError",
     "CorruptRecord",
@@ -38,8 +40,22 @@ __all__ = [
 ]
 
 
+def _rebuild(cls: type[AstagesError], args: tuple[Any, ...]) -> AstagesError:
+    """Unpickle an astages error without calling its ``__init__`` (whose parameters are
+    not its ``args``); its attributes come back through ``__setstate__``."""
+    error = cls.__new__(cls)
+    error.args = args
+    return error
+
+
 class AstagesError(Exception):
-    """Base class of every error astages raises."""
+    """Base class of every error astages raises.
+
+    Every subclass pickles with its message and attributes (arq pickles a failed job's
+    exception into its result), whatever its ``__init__`` takes."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args), dict(self.__dict__))
 
 
 class GroupNotFound(AstagesError):

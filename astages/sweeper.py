@@ -105,6 +105,7 @@ class SweepReport:
     errors: int = 0
     settled: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    unindexed: int = 0  # groups whose keys expired (keep_for, ttl=), dropped from the index
 
     def merge(self, other: SweepReport) -> SweepReport:
         return SweepReport(
@@ -118,6 +119,7 @@ class SweepReport:
             errors=self.errors + other.errors,
             settled={**self.settled, **other.settled},
             seconds=self.seconds + other.seconds,
+            unindexed=self.unindexed + other.unindexed,
         )
 
 
@@ -130,6 +132,7 @@ class _Pass:
     lost: int = 0
     nudged: int = 0
     errors: int = 0
+    unindexed: int = 0
     settled: dict[str, str] = field(default_factory=dict)
     suspects: dict[str, str] = field(default_factory=dict)  # job id -> code, seen this pass
 
@@ -185,7 +188,11 @@ class Sweeper:
                     pipe.hget(self.keys.group(group_id), "status")
                 statuses = await pipe.execute(raise_on_error=False)
             for group_id, status in zip(ids, statuses, strict=True):
-                if status is None or status == b"pending" or FINAL_GROUP.get(status, False):
+                if status is None:
+                    # its keys expired (kept, or ttl=): drop the entry, unless it is back
+                    state.unindexed += int(await self.store.run("unindex", group_id))
+                    continue
+                if status == b"pending" or FINAL_GROUP.get(status, False):
                     continue  # being built, ended (kept with keep_for), or gone: nothing sent
                 try:
                     await self._group(group_id, state)
@@ -211,6 +218,7 @@ class Sweeper:
             errors=state.errors,
             settled=state.settled,
             seconds=time.perf_counter() - started,
+            unindexed=state.unindexed,
         )
 
     async def _group(self, group_id: str, state: _Pass) -> None:
@@ -296,7 +304,10 @@ class Sweeper:
     async def _settle_lost(self, group_id: str, number: int, lost: list[tuple[str, str]], state: _Pass) -> None:
         """Fail the jobs first seen with no trace ``grace`` ago, still the same; note the rest."""
         key = suspects_key(self.keys)
-        now = int(time.time() * 1000)
+        # Redis' clock, not this process's: the next look may be another worker's, whose
+        # clock may differ by more than the grace.
+        seconds, micros = await self.redis.time()
+        now = int(seconds) * 1000 + int(micros) // 1000
         seen = await self.redis.hmget(key, [job_id for _, job_id in lost])
         first_seen: dict[str, str] = {}
         for (seq, job_id), mark in zip(lost, seen, strict=True):

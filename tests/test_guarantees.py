@@ -96,3 +96,44 @@ async def test_every_key_of_a_ttl_group_expires_after_a_failure(real_redis):
     assert any(k.endswith(b":err") for k in keys)
     assert {k: await real_redis.pttl(k) > 0 for k in keys} == {k: True for k in keys}
     assert await astages.Cleaner.check(real_redis) == {}
+
+
+async def test_a_sweep_drops_expired_groups_from_the_index(redis):
+    """A kept (keep_for) or ttl= group whose keys expired leaves the groups index at the
+    next sweep (before, only list() pruned, so the index grew for ever); a live one stays."""
+    expired = await StagedGroup.create(redis, "expired", ttl=3600)
+    live = await StagedGroup.create(redis, "live", ttl=3600)
+    await redis.delete(*await redis.keys(f"astages:{{{expired.id}}}*"))  # as its TTL would
+    report = await astages.Sweeper(redis).sweep()
+    assert report.unindexed == 1
+    assert await redis.zrange("astages:groups", 0, -1) == [live.id.encode()]
+    assert await astages.Cleaner.check(redis) == {}
+
+
+async def test_the_sweepers_second_look_is_timed_by_redis(real_redis, monkeypatch):
+    """A job with no trace in arq is failed as lost only when two looks are ``grace``
+    apart by Redis' clock: a sweeper whose own clock runs an hour ahead of the one that
+    first looked does not fail it at once."""
+    import time as real_time
+
+    import astages.sweeper as sweeper_module
+
+    group = await StagedGroup.create(real_redis, "skew")
+    job = await (await group.stage(1)).enqueue(work)
+    await group.initiate()
+    await real_redis.delete(f"arq:job:{job.id}")
+    await real_redis.zrem("arq:queue", str(job.id))  # arq lost it: no record, no result
+    first = await astages.Sweeper(real_redis, grace=5).sweep()
+    assert first.lost == 0 and first.suspects == 1
+
+    class Ahead:
+        perf_counter = staticmethod(real_time.perf_counter)
+
+        @staticmethod
+        def time() -> float:
+            return real_time.time() + 3600
+
+    monkeypatch.setattr(sweeper_module, "time", Ahead)
+    second = await astages.Sweeper(real_redis, grace=5).sweep()
+    assert second.lost == 0
+    assert await job.status() == astages.JobStatus.QUEUED

@@ -137,3 +137,21 @@ async def test_the_sweepers_second_look_is_timed_by_redis(real_redis, monkeypatc
     second = await astages.Sweeper(real_redis, grace=5).sweep()
     assert second.lost == 0
     assert await job.status() == astages.JobStatus.QUEUED
+
+
+async def test_jobs_due_now_are_due_by_a_clock_behind_redis(real_redis, monkeypatch):
+    """A stage started by a caller (a worker's report, a client) whose clock is a minute
+    behind Redis: its jobs' scores are due by that clock, so arq's poll on that machine
+    takes them at once (scored by Redis' clock they waited out the skew)."""
+    import astages._scripts as scripts
+
+    seconds, micros = await real_redis.time()
+    behind = int(seconds) * 1000 + int(micros) // 1000 - 60_000
+    monkeypatch.setattr(scripts, "now_ms", lambda: behind)
+    group = await StagedGroup.create(real_redis, "skewed")
+    stage = await group.stage(1)
+    now_job = await stage.enqueue(work)
+    later_job = await stage.enqueue_in(5, work)
+    await group.initiate()
+    assert await real_redis.zscore("arq:queue", str(now_job.id)) == behind
+    assert await real_redis.zscore("arq:queue", str(later_job.id)) == behind + 5_000

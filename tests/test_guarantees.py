@@ -155,3 +155,33 @@ async def test_jobs_due_now_are_due_by_a_clock_behind_redis(real_redis, monkeypa
     await group.initiate()
     assert await real_redis.zscore("arq:queue", str(now_job.id)) == behind
     assert await real_redis.zscore("arq:queue", str(later_job.id)) == behind + 5_000
+
+
+async def test_a_stage_made_again_does_not_fire_the_old_stages_callbacks(real_redis):
+    """A stage's callbacks are deleted with it: a stage deleted after it completed (its
+    on_complete fired) and made again under the same number did fire them again, under
+    the same arq job id."""
+    group = await StagedGroup.create(real_redis, "again")
+    s1 = await group.stage(1)
+    first = await s1.enqueue(work, 1)
+    await s1.on_complete("notify", "old")
+    s2 = await group.stage(2)
+    await s2.enqueue(work, 2)
+    await group.initiate()
+    assert first.ref is not None
+    await group.store.move("finish_job", group.id, 1, first.ref.seq, 1, "s", "")
+    fired = [m for m in await real_redis.zrange("arq:queue", 0, -1) if b":cb:" in m]
+    assert len(fired) == 1
+    await real_redis.delete(b"arq:job:" + fired[0])  # arq ran it and kept its result
+    await real_redis.zrem("arq:queue", fired[0])
+    await real_redis.set(b"arq:result:" + fired[0], b"done")
+    await s1.delete()
+    again = await group.stage(1)  # pending, runs after stage 2
+    second = await again.enqueue(work, 3)
+    await again.on_complete("notify", "new")
+    (job2,) = await s2.jobs()
+    assert job2.ref is not None and second.ref is not None
+    await group.store.move("finish_job", group.id, 2, job2.ref.seq, 1, "s", "")
+    await group.store.move("finish_job", group.id, 1, second.ref.seq, 1, "s", "")
+    callbacks = [m for m in await real_redis.zrange("arq:queue", 0, -1) if b":cb:" in m]
+    assert len(callbacks) == 1 and callbacks[0] != fired[0]

@@ -17,5 +17,11 @@ end
 redis.call('HSET', G, 'seq:' .. n, redis.call('HGET', sk, 'seq') or 0)
 delete_stage_keys(n)
 redis.call('ZREM', G .. ':stages', n)
+-- Its callbacks go with it: a stage made again under this number is another stage, and
+-- a callback that fired already would fire again, under the same arq id.
+local mine = 'stage.' .. n .. ':'
+for _, field in ipairs(redis.call('HKEYS', G .. ':callbacks')) do
+  if string.sub(field, 1, #mine) == mine then redis.call('HDEL', G .. ':callbacks', field) end
+end
 if redis.call('HGET', G, 'status') ~= 'running' then return {'deleted', n, 0} end
 return advance(now_ms())

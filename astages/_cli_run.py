@@ -111,12 +111,20 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback without a login).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--root-path", default="", help="Path prefix when a proxy serves the dashboard under a sub-path.")
-def web(redis_url: str, prefix: str, host: str, port: int, root_path: str) -> None:
+@click.option(
+    "--trusted-origin",
+    "trusted_origins",
+    multiple=True,
+    help="Origin (https://ops.example.com) a reverse proxy that rewrites Host serves the pages from; repeatable.",
+)
+def web(redis_url: str, prefix: str, host: str, port: int, root_path: str, trusted_origins: tuple[str, ...]) -> None:
     """Serve the web dashboard (needs the extra: pip install 'astages[web]').
 
     Set ASTAGES_WEB_PASSWORD (user ASTAGES_WEB_USER, default astages) to require HTTP basic
     auth; an address that is not loopback needs it. ASTAGES_WEB_SECRET keeps forms valid
-    across restarts."""
+    across restarts. Behind a reverse proxy that rewrites the Host header, name the public
+    origin with --trusted-origin (or ASTAGES_WEB_TRUSTED_ORIGINS), else its forms are
+    refused as cross-site."""
     try:
         import jinja2  # noqa: F401
         import starlette  # noqa: F401
@@ -126,7 +134,7 @@ def web(redis_url: str, prefix: str, host: str, port: int, root_path: str) -> No
     except ImportError as e:
         raise CommandError(f"the dashboard needs the web extra: pip install 'astages[web]' ({e})") from None
     try:
-        settings = WebSettings.of(redis_url, host, port, prefix, root_path)
+        settings = WebSettings.of(redis_url, host, port, prefix, root_path, trusted_origins=trusted_origins)
     except ValueError as e:
         raise CommandError(str(e)) from None
     where = f"http://{host}:{port}{settings.root_path}/"

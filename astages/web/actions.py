@@ -65,7 +65,7 @@ async def _act(request: Request, work: Work, *, confirm: str | None = None) -> R
     dashboard = _dashboard(request)
     form = await request.form()
     token = form.get(CSRF_FIELD)
-    if not same_origin(request) or not dashboard.signer.check_csrf(
+    if not same_origin(request, dashboard.trusted_origins) or not dashboard.signer.check_csrf(
         request.cookies.get(CSRF_COOKIE), token if isinstance(token, str) else None
     ):
         return render(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jinja2
@@ -19,7 +20,7 @@ from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Store
 from astages.exceptions import CorruptRecord, GroupNotFound, JobNotFound, StageNotFound
 from astages.web import actions, pages
-from astages.web.security import BasicAuth, SecurityHeaders, Signer
+from astages.web.security import BasicAuth, SecurityHeaders, Signer, normal_origin
 from astages.web.templating import STATIC, environment, render
 
 __all__ = ["Dashboard", "create_app"]
@@ -34,6 +35,7 @@ class Dashboard:
     signer: Signer
     title: str
     poll_ms: int
+    trusted_origins: frozenset[str] = frozenset()
 
 
 def create_app(
@@ -45,19 +47,23 @@ def create_app(
     title: str = "astages",
     poll_ms: int = 2000,
     debug: bool = False,
+    trusted_origins: Iterable[str] = (),
 ) -> Starlette:
     """The dashboard for the groups under key prefix ``prefix`` of ``redis``.
 
     Mount it anywhere (``Mount("/stages", app=create_app(redis))``). ``login=(user,
     password)`` requires HTTP basic auth; ``secret`` signs the CSRF tokens and messages
     (random per app when not given, which is fine for one process). The caller owns
-    ``redis`` and closes it."""
+    ``redis`` and closes it. ``trusted_origins`` (``https://ops.example.com``): the
+    origins the dashboard's pages are served from when a reverse proxy in front of it
+    rewrites the ``Host`` header (its forms are otherwise refused as cross-site)."""
     dashboard = Dashboard(
         store=Store(redis, Keys(prefix)),
         env=environment(),
         signer=Signer(secret or secrets.token_bytes(32)),
         title=title,
         poll_ms=poll_ms,
+        trusted_origins=frozenset(normal_origin(o) for o in trusted_origins),
     )
     routes = [
         Route("/", pages.groups_html, name="groups"),

@@ -82,8 +82,19 @@ def cookie_path(request: Request) -> str:
     return request.scope.get("root_path", "") or "/"
 
 
-def same_origin(request: Request) -> bool:
-    """False when the browser says the request came from another site."""
+def normal_origin(origin: str) -> str:
+    """``scheme://host[:port]`` of an origin or URL, lower-cased (ValueError when it has
+    no scheme or host)."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"a trusted origin is scheme://host[:port], such as https://ops.example.com, not {origin!r}")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def same_origin(request: Request, trusted: frozenset[str] = frozenset()) -> bool:
+    """False when the browser says the request came from another site. ``trusted``
+    origins (normalized) are this site too: behind a reverse proxy that rewrites ``Host``,
+    the page's own origin is not the ``Host`` the app sees."""
     headers = request.headers
     if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return False
@@ -92,7 +103,12 @@ def same_origin(request: Request) -> bool:
         return True
     if origin == "null":
         return False
-    return urlsplit(origin).netloc == headers.get("host", "")
+    if urlsplit(origin).netloc == headers.get("host", ""):
+        return True
+    try:
+        return normal_origin(origin) in trusted
+    except ValueError:
+        return False
 
 
 def safe_next(value: str | None, root: str, default: str) -> str:

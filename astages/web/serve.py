@@ -4,6 +4,8 @@ It listens on 127.0.0.1 unless told otherwise. ``ASTAGES_WEB_PASSWORD`` (and opt
 ``ASTAGES_WEB_USER``, default ``astages``) turns on HTTP basic auth, and any address that is
 not loopback refuses to start without it. ``ASTAGES_WEB_SECRET`` keeps CSRF tokens valid
 across restarts and between processes behind one load balancer.
+``ASTAGES_WEB_TRUSTED_ORIGINS`` (comma-separated, or ``--trusted-origin``) names the origins
+a reverse proxy that rewrites ``Host`` serves the pages from.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from astages._keys import DEFAULT_PREFIX
+from astages.web.security import normal_origin
 
 USER_ENV = "ASTAGES_WEB_USER"
 PASSWORD_ENV = "ASTAGES_WEB_PASSWORD"
 SECRET_ENV = "ASTAGES_WEB_SECRET"
+TRUSTED_ORIGINS_ENV = "ASTAGES_WEB_TRUSTED_ORIGINS"
 DEFAULT_USER = "astages"
 
 
@@ -52,6 +56,7 @@ class WebSettings:
     root_path: str = ""
     login: tuple[str, str] | None = None
     secret: bytes | None = None
+    trusted_origins: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -62,6 +67,7 @@ class WebSettings:
         prefix: str = DEFAULT_PREFIX,
         root_path: str = "",
         environ: Mapping[str, str] | None = None,
+        trusted_origins: tuple[str, ...] = (),
     ) -> WebSettings:
         """Settings from the options and ``environ``; UnsafeBind when a non-loopback
         address would be served without a password."""
@@ -71,7 +77,11 @@ class WebSettings:
         if login is None and not is_loopback(host):
             raise UnsafeBind(host)
         secret = env.get(SECRET_ENV)
-        return cls(redis_url, host, port, prefix, root_path.rstrip("/"), login, secret.encode() if secret else None)
+        origins = list(trusted_origins) + [o for o in (env.get(TRUSTED_ORIGINS_ENV) or "").split(",") if o.strip()]
+        normal = tuple(normal_origin(o) for o in origins)  # ValueError names a bad one
+        return cls(
+            redis_url, host, port, prefix, root_path.rstrip("/"), login, secret.encode() if secret else None, normal
+        )
 
 
 async def serve(settings: WebSettings) -> None:
@@ -83,7 +93,13 @@ async def serve(settings: WebSettings) -> None:
 
     redis = await connect(settings.redis_url)
     try:
-        app = create_app(redis, prefix=settings.prefix, login=settings.login, secret=settings.secret)
+        app = create_app(
+            redis,
+            prefix=settings.prefix,
+            login=settings.login,
+            secret=settings.secret,
+            trusted_origins=settings.trusted_origins,
+        )
         config = uvicorn.Config(
             app,
             host=settings.host,

@@ -201,3 +201,31 @@ async def test_basic_auth_login(fake_redis: ArqRedis) -> None:
         bad = {"authorization": "Basic " + base64.b64encode(b"garbage").decode() + "!"}
         assert (await client.get("/", headers=bad)).status_code == 401
         assert (await client.get("/", auth=("ops", "s3cret"))).status_code == 200
+
+
+async def test_trusted_origin_behind_a_host_rewriting_proxy(fake_redis: ArqRedis) -> None:
+    """Behind a reverse proxy that rewrites Host, a form posted from the public origin is
+    accepted once that origin is trusted, and still refused from any other origin."""
+    sample = await make_sample(fake_redis)
+    app = create_app(fake_redis, trusted_origins=["https://Ops.Example.com/"])
+    # the proxy forwards to 127.0.0.1:8080 with that Host; the browser is on https://ops.example.com
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1:8080") as client:
+        page = await client.get("/")
+        data = {"confirmed": "1", "next": "/", "csrf": csrf_of(page.text)}
+        target = f"/groups/{sample.pending.id}/delete"
+        refused = await client.post(target, data=data, headers={"origin": "https://evil.example"})
+        assert refused.status_code == 403 and await sample.pending.exists()
+        accepted = await client.post(target, data=data, headers={"origin": "https://ops.example.com"})
+        assert accepted.status_code == 303 and not await sample.pending.exists()
+
+
+def test_a_trusted_origin_must_be_an_origin() -> None:
+    """A trusted origin that is not scheme://host[:port] is refused with a clear error."""
+    from astages.web.serve import WebSettings
+
+    with pytest.raises(ValueError, match="scheme://host"):
+        create_app(None, trusted_origins=["ops.example.com"])  # type: ignore[arg-type]
+    settings = WebSettings.of(
+        "redis://", "127.0.0.1", 8080, environ={"ASTAGES_WEB_TRUSTED_ORIGINS": "https://a.example, http://b:81"}
+    )
+    assert settings.trusted_origins == ("https://a.example", "http://b:81")

@@ -180,7 +180,8 @@ def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool,
             note = job["message"] or ""
             if job["error"]:
                 note = (note + " | " if note else "") + job["error"].strip().splitlines()[0]
-            rows.append((job["id"].rsplit(":", 1)[-1], call, job["status"], job["tries"], short(note, 60)))
+            seq = job["id"].rsplit(":", 1)[-1].lstrip("0") or "0"  # the id's seq is zero-padded
+            rows.append((seq, call, job["status"], job["tries"], short(note, 60)))
         click.echo(table(["#", "JOB", "STATUS", "TRIES", "MESSAGE"], rows, (0, 3)))
         if len(stage["jobs"]) < p["total"]:
             click.echo(f"... {p['total'] - len(stage['jobs'])} more (--limit N or --all)")

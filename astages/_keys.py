@@ -7,9 +7,23 @@ same way (see ``lua/_lib.lua``), so the two must change together.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "astages"
+
+# A staged job's seq is zero-padded to this width in its arq id, so ids of one stage sort
+# as strings in enqueue order: arq takes jobs of equal score (a chunk shares one) in the
+# string order of their ids. lua/_lib.lua's job_id() pads the same way.
+SEQ_WIDTH = 10
+
+# The id shapes astages makes: "<group>:<stage>:<seq>" and "<group>:cb:<event>:<k>" after
+# "<prefix>:", where a group id is 32 lowercase hex digits (group.new_group_id). Anything
+# else is a plain arq job, however much it looks like one of ours.
+_GROUP = r"(?P<group>[0-9a-f]{32})"
+_INT = r"(?:0|-?[1-9][0-9]*)"
+_JOB_TAIL = re.compile(_GROUP + rf":(?P<stage>{_INT}):(?P<seq>[0-9]{{{SEQ_WIDTH}}}|[1-9][0-9]{{{SEQ_WIDTH},}})")
+_CALLBACK_TAIL = re.compile(_GROUP + rf":cb:(?P<event>complete|success|failure|stage\.{_INT}):(?P<k>[1-9][0-9]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,29 +90,28 @@ class Keys:
         return f"{self.prefix}:{group_id}:"
 
     def job_id(self, group_id: str, number: int, seq: int) -> str:
-        """The arq job id of a staged job; it says where the job's record is."""
-        return f"{self.prefix}:{group_id}:{number}:{seq}"
+        """The arq job id of a staged job; it says where the job's record is. The seq is
+        zero-padded (``SEQ_WIDTH``) so string order is enqueue order."""
+        return f"{self.prefix}:{group_id}:{number}:{seq:0{SEQ_WIDTH}d}"
 
     def parse_callback_id(self, job_id: str) -> CallbackRef | None:
-        """The callback a job id names (``<prefix>:<group>:cb:<event>:<k>``), or None."""
+        """The callback a job id names (``<prefix>:<group>:cb:<event>:<k>``, exactly as
+        astages makes it), or None."""
         head = f"{self.prefix}:"
         if not job_id.startswith(head):
             return None
-        parts = job_id[len(head) :].split(":")
-        if len(parts) != 4 or parts[1] != "cb":
+        m = _CALLBACK_TAIL.fullmatch(job_id, len(head))
+        if m is None:
             return None
-        return CallbackRef(parts[0], parts[2], f"{parts[2]}:{parts[3]}")
+        return CallbackRef(m["group"], m["event"], f"{m['event']}:{m['k']}")
 
     def parse_job_id(self, job_id: str) -> JobRef | None:
-        """The record a staged job id points at, or None for any other job id."""
+        """The record a staged job id points at (``<prefix>:<group>:<stage>:<seq>``,
+        exactly as ``job_id`` makes it), or None for any other job id."""
         head = f"{self.prefix}:"
         if not job_id.startswith(head):
             return None
-        parts = job_id[len(head) :].split(":")
-        if len(parts) != 3:
+        m = _JOB_TAIL.fullmatch(job_id, len(head))
+        if m is None:
             return None
-        group_id, number, seq = parts
-        try:
-            return JobRef(group_id, int(number), int(seq))
-        except ValueError:
-            return None
+        return JobRef(m["group"], int(m["stage"]), int(m["seq"]))

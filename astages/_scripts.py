@@ -224,3 +224,9 @@ def raise_code(reply: Any, group_id: str, number: Any) -> None:
         raise StageComplete(group_id, int(number))
     if code == "STAGE_CANCELLED":
         raise StageComplete(group_id, int(number), "cancelled")
+    if code.startswith("BAD_SPEC:"):
+        # a spec make_spec did not make (another version's, or hand-made): nothing was written
+        where = f"group {group_id!r}" if number is None else f"stage {number} of group {group_id!r}"
+        index, _, why = code.removeprefix("BAD_SPEC:").partition(":")
+        detail = f"job {index} of the call: {why}" if why and index.isdigit() else code.removeprefix("BAD_SPEC:")
+        raise CorruptRecord(f"a job spec for {where}", f"{detail}; nothing was recorded")

@@ -14,7 +14,9 @@ AstagesError
 ├── InvalidQueue           a queue name astages cannot store
 ├── InvalidSchedule        a time or delay that is not one
 ├── CorruptRecord          data under an astages key that astages did not write
-└── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
+├── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
+└── JobNotRun              (raised inside a worker) arq delivered a staged job that no
+                           longer exists or already ended; it is not run
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "InvalidStatusMessage",
     "JobNotFound",
     "JobNotPending",
+    "JobNotRun",
     "RetriesExhausted",
     "StageComplete",
     "StageNotFound",
@@ -165,3 +168,14 @@ class StageNotRunning(AstagesError):
             f"stage {number} of group {group_id!r} has not started, so its jobs are not sent yet (one sent now "
             "would run before the stages ahead of it ended); initiate the group, or the stage"
         )
+
+
+class JobNotRun(AstagesError):
+    """(raised inside a worker) arq delivered a staged job that astages does not run: it
+    no longer exists, or it already ended. arq records this as the job's failed result,
+    so the result says why the function did not run (rather than a success with None)."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        super().__init__(f"staged job {job_id!r} was not run: {reason}")

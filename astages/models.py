@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from astages.exceptions import CorruptRecord, InvalidQueue
+from astages.exceptions import CorruptRecord, InvalidQueue, InvalidSchedule
 
 __all__ = [
     "Event",
@@ -107,6 +107,13 @@ def now_ms() -> int:
     return int(dt.datetime.now(tz=dt.UTC).timestamp() * 1000)
 
 
+# Bounds of a job's schedule (lua/_lib.lua checks the same before it sends a job): a time
+# between epoch 0 and 3000-01-01 UTC, a delay or an expiry of at most 100 years. Within
+# them every score and TTL the scripts compute is a whole number Redis accepts.
+MAX_TIME_MS = 32_503_680_000_000
+MAX_DELAY_MS = 3_155_760_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """When a job goes to arq's queue once sent: now, at a time, or after a delay."""
@@ -114,6 +121,17 @@ class Schedule:
     kind: str = "n"  # "n" now, "a" at epoch ms, "i" in ms after it is sent
     ms: int = 0
     expires_ms: int = 0  # arq's _expires; 0 means arq's default
+
+    def check(self) -> None:
+        """Raise ValueError unless this schedule is one the scripts can send."""
+        if self.kind not in ("n", "a", "i"):
+            raise ValueError(f"{self.kind!r} is not a schedule kind")
+        if self.kind == "a" and not 0 <= self.ms <= MAX_TIME_MS:
+            raise ValueError(f"time {self.ms} ms is not between epoch 0 and the year 3000")
+        if self.kind == "i" and not -MAX_DELAY_MS <= self.ms <= MAX_DELAY_MS:
+            raise ValueError(f"delay {self.ms} ms is longer than 100 years")
+        if not 0 <= self.expires_ms <= MAX_DELAY_MS:
+            raise ValueError(f"expiry {self.expires_ms} ms is not between 0 and 100 years")
 
     def describe(self) -> str:
         if self.kind == "a":
@@ -127,6 +145,10 @@ def encode_spec(schedule: Schedule, queue: str, payload: bytes) -> bytes:
     """``<kind><ms>|<expires>|<queue length>|<queue><payload>``, as lua/_lib.lua parses it."""
     if not isinstance(queue, str) or not queue:
         raise InvalidQueue(queue)
+    try:
+        schedule.check()
+    except ValueError as e:
+        raise InvalidSchedule(schedule, f"a job's schedule must be one astages can send ({e})") from None
     q = queue.encode()
     return f"{schedule.kind}{schedule.ms}|{schedule.expires_ms}|{len(q)}|".encode() + q + payload
 
@@ -137,6 +159,9 @@ def decode_spec(spec: bytes) -> tuple[Schedule, str, bytes]:
     qlen, rest = rest.split(b"|", 1)
     n = int(qlen)
     schedule = Schedule(head[:1].decode(), int(head[1:]), int(expires))
+    schedule.check()  # out of range: the record is unusable (a ValueError, as a bad number)
+    if not 0 < n <= len(rest):
+        raise ValueError("the queue name is cut short")
     return schedule, rest[:n].decode(), rest[n:]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ from astages._scripts import Motion, Store, raise_code, text
 from astages.exceptions import InvalidJobFunction, InvalidQueue, InvalidSchedule, StageNotFound
 from astages.job import StagedJob
 from astages.models import (
+    MAX_DELAY_MS,
+    MAX_TIME_MS,
     FailurePolicy,
     Schedule,
     StageInfo,
@@ -55,22 +58,60 @@ def function_name(function: object) -> str:
     raise InvalidJobFunction(function)
 
 
-def _seconds_ms(value: dt.timedelta | float | int) -> int:
+# The values a schedule takes (bounds in astages/models.py; lua/_lib.lua checks the same):
+_DELAY = "a delay is a timedelta or a number of seconds, at most 100 years (a negative one means now)"
+_EXPIRY = "an expiry (_expires) is a timedelta or a number of seconds, from 0 (arq's default) to 100 years"
+_TIME = "a time is a datetime or epoch seconds, between 1970 and the year 3000"
+# A job's try number (_job_try) arq starts counting from, at most.
+MAX_JOB_TRY = 1_000_000
+
+
+def _seconds(value: object, expected: str) -> float:
+    """``value`` (a timedelta or a number of seconds) in seconds: finite, else InvalidSchedule."""
     if isinstance(value, dt.timedelta):
-        return int(value.total_seconds() * 1000)
+        return value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidSchedule(value, "a delay is a timedelta or a number of seconds")
-    return int(value * 1000)
+        raise InvalidSchedule(value, expected)
+    if not math.isfinite(value):
+        raise InvalidSchedule(value, expected)
+    return float(value)
+
+
+def _seconds_ms(value: dt.timedelta | float | int) -> int:
+    """A delay in ms; a negative delay (a time already past) is 0, as in arq."""
+    seconds = _seconds(value, _DELAY)
+    if seconds * 1000 > MAX_DELAY_MS:
+        raise InvalidSchedule(value, _DELAY)
+    return max(0, int(seconds * 1000))
+
+
+def _expires_ms(value: dt.timedelta | float | int) -> int:
+    """An expiry in ms (0: arq's default)."""
+    seconds = _seconds(value, _EXPIRY)
+    if not 0 <= seconds * 1000 <= MAX_DELAY_MS:
+        raise InvalidSchedule(value, _EXPIRY)
+    return int(seconds * 1000)
 
 
 def _at_ms(value: dt.datetime | float | int) -> int:
     if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.astimezone()
-        return int(value.timestamp() * 1000)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidSchedule(value, "a time is a datetime or epoch seconds")
-    return int(value * 1000)
+        try:
+            seconds = (value if value.tzinfo is not None else value.astimezone()).timestamp()
+        except (OverflowError, ValueError, OSError):
+            raise InvalidSchedule(value, _TIME) from None
+    else:
+        seconds = _seconds(value, _TIME)
+    if not 0 <= seconds * 1000 <= MAX_TIME_MS:
+        raise InvalidSchedule(value, _TIME)
+    return int(seconds * 1000)
+
+
+def _job_try(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_JOB_TRY:
+        raise InvalidSchedule(value, f"_job_try is None or an int from 1 to {MAX_JOB_TRY:,}")
+    return value
 
 
 def make_spec(
@@ -85,16 +126,17 @@ def make_spec(
     queue = options.get("_queue_name") or getattr(redis, "default_queue_name", "arq:queue")
     if not isinstance(queue, str):
         raise InvalidQueue(queue)
-    if "_defer_until" in options:
+    if options.get("_defer_until") is not None:
         schedule = Schedule("a", _at_ms(options["_defer_until"]), schedule.expires_ms)
-    elif "_defer_by" in options:
+    elif options.get("_defer_by") is not None:
         schedule = Schedule("i", _seconds_ms(options["_defer_by"]), schedule.expires_ms)
     if options.get("_expires") is not None:
-        schedule = Schedule(schedule.kind, schedule.ms, _seconds_ms(options["_expires"]))
+        schedule = Schedule(schedule.kind, schedule.ms, _expires_ms(options["_expires"]))
+    job_try = _job_try(options.get("_job_try"))
     name = function_name(function)
     queued_at = now_ms()
     serializer = getattr(redis, "job_serializer", None)
-    payload = serialize_job(name, tuple(args), kwargs, options.get("_job_try"), queued_at, serializer=serializer)
+    payload = serialize_job(name, tuple(args), kwargs, job_try, queued_at, serializer=serializer)
     job = StagedJob(store, None, name, tuple(args), kwargs, queue, ms_to_datetime(queued_at), schedule)
     return encode_spec(schedule, queue, payload), job
 
@@ -231,7 +273,10 @@ class StagedGroupStage:
     async def enqueue(self, function: JobFunction, *args: Any, **kwargs: Any) -> StagedJob:
         """Add a job. A pending stage records it (it is sent when the stage starts); a
         running stage sends it to arq at once. ``kwargs`` go to the function, except
-        arq's own ``_queue_name``, ``_defer_until``, ``_defer_by``, ``_expires``, ``_job_try``."""
+        arq's own ``_queue_name``, ``_defer_until``, ``_defer_by``, ``_expires``, ``_job_try``.
+        A time, delay or expiry out of range (see ``enqueue_at``/``enqueue_in``; an expiry
+        is 0 to 100 years), NaN or infinite, or a ``_job_try`` that is not an int from 1,
+        raises InvalidSchedule and records nothing."""
         return await self._enqueue(Schedule(), function, args, kwargs)
 
     async def enqueue_to(self, queue: str, function: JobFunction, *args: Any, **kwargs: Any) -> StagedJob:
@@ -241,8 +286,8 @@ class StagedGroupStage:
     async def enqueue_at(
         self, when: dt.datetime | float, function: JobFunction, *args: Any, **kwargs: Any
     ) -> StagedJob:
-        """Add a job that runs at ``when`` (a datetime or epoch seconds), or when its
-        stage starts if that is later."""
+        """Add a job that runs at ``when`` (a datetime or epoch seconds, between 1970 and
+        the year 3000), or when its stage starts if that is later."""
         return await self._enqueue(Schedule("a", _at_ms(when)), function, args, kwargs)
 
     async def enqueue_at_with_queue(
@@ -253,7 +298,8 @@ class StagedGroupStage:
     async def enqueue_in(
         self, delay: dt.timedelta | float, function: JobFunction, *args: Any, **kwargs: Any
     ) -> StagedJob:
-        """Add a job that runs ``delay`` (a timedelta or seconds) after it is sent to arq."""
+        """Add a job that runs ``delay`` (a timedelta or seconds, at most 100 years; a
+        negative delay means at once) after it is sent to arq."""
         return await self._enqueue(Schedule("i", _seconds_ms(delay)), function, args, kwargs)
 
     async def enqueue_in_with_queue(

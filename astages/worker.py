@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from astages._keys import DEFAULT_PREFIX, CallbackRef, JobRef, Keys
 from astages._scripts import Store, text
-from astages.exceptions import CorruptRecord, RetriesExhausted
+from astages.exceptions import CorruptRecord, JobNotRun, RetriesExhausted
 from astages.job import CTX_JOB, StagedJob
 from astages.models import GroupSummary
 from astages.runner import reconnecting
@@ -143,10 +143,17 @@ async def _run_staged(
         logger.warning("could not mark job %s running; running it anyway", ctx["job_id"], exc_info=True)
         verdict = "run"
     if verdict != "run":
-        # 'final': arq re-delivered a job that already finished; 'gone': deleted.
+        # 'final': arq delivered again a job that already ended (a crash after its report,
+        # a cancel racing its pick-up); 'gone': it, its stage or its group was deleted. The
+        # function does not run, and arq's result says so: a failure naming why, not a
+        # success with None (as arq itself fails a job it cannot run, e.g. one expired).
         logger.info("staged job %s is %s; not running it", ctx["job_id"], verdict)
         ctx[CTX_REPORTED] = True
-        return None
+        if verdict == "final":
+            reason = "it had already ended (arq delivered it again); astages keeps its outcome"
+        else:
+            reason = "it no longer exists in astages (the job, its stage or its group was deleted)"
+        raise JobNotRun(str(ctx["job_id"]), reason)
     ctx[CTX_JOB] = StagedJob(store, ref, name, args, kwargs, runtime.queue_name, ctx.get("enqueue_time"))
     try:
         result = await coroutine(ctx, *args, **kwargs)

@@ -84,7 +84,7 @@ async def test_retry_keeps_stage_open(redis):
     seen: list[JobStatus] = []
 
     async def watch(ctx):
-        if ctx["job_id"].endswith(":1:1") and await group.exists():
+        if ctx["job_id"].endswith(":1:0000000001") and await group.exists():
             (job,) = await s1.jobs(0, 1)
             seen.append(await job.status())
 

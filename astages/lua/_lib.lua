@@ -4,7 +4,7 @@
 --   KEYS[1]  the group's hash, "<prefix>:{<group id>}"; every other key of the group is
 --            derived from it and shares its hash tag (one cluster slot per group)
 --   KEYS[2]  the global index of groups, "<prefix>:groups" (sorted set, score = created ms)
---   ARGV[1]  job id base, "<prefix>:<group id>:"; a staged job's arq id is base..n..':'..seq
+--   ARGV[1]  job id base, "<prefix>:<group id>:"; a staged job's arq id is job_id(n, seq)
 --   ARGV[2]  arq's job key prefix ("arq:job:")
 --   ARGV[3]  arq's expires_extra_ms (how long an unsent job record lives after its score)
 --   ARGV[4]  how many jobs one call may hand to arq (initiation is sent in chunks)
@@ -27,6 +27,7 @@
 --                          max_ratio, and one counter per job status (O(1)), retried
 --   G:s:<n>:jobs    list   job seq numbers in enqueue order
 --   G:s:<n>:spec    hash   seq -> "<kind><ms>|<expires>|<queue length>|<queue><arq payload>"
+--                          (see spec_head for what a usable spec is)
 --   G:s:<n>:open    hash   seq -> status of every job not final: p, q, r<try>, e<try>
 --   G:s:<n>:done    hash   seq -> final status: s<try>, f<try>, c<try> (cancelled)
 --   G:s:<n>:msg     hash   seq -> status message (only jobs that set one)
@@ -53,6 +54,27 @@ local FINAL_GROUP = {complete = true, failed = true, cancelled = true}
 -- How long a callback's summary is kept for it to read (seconds), at least.
 local SUMMARY_TTL = 86400
 local MAX_FAILED_IDS = 1000
+-- Bounds of the numbers in a job spec (astages/models.py has the same): a time between
+-- epoch 0 and the year 3000, a delay or an expiry of at most 100 years. Within them every
+-- score and TTL a script computes is a whole number Redis takes.
+local MAX_TIME_MS = 32503680000000
+local MAX_DELAY_MS = 3155760000000
+-- Width a seq is zero-padded to in an arq job id (astages/_keys.py SEQ_WIDTH).
+local SEQ_FORMAT = '%010d'
+
+-- A whole number as a command argument: Lua writes numbers from about 1e14 on with an
+-- exponent ('1e+14'), which Redis refuses as an integer.
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- The arq job id of job seq of stage n: seq zero-padded, so the ids of a stage sort as
+-- strings in enqueue order (arq takes jobs of equal score in the string order of their ids).
+local function job_id(n, seq)
+  local s = tonumber(seq)
+  if not s then return IDBASE .. n .. ':' .. seq end
+  return IDBASE .. n .. ':' .. string.format(SEQ_FORMAT, s)
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -109,45 +131,58 @@ local function group_final()
   return FINAL_GROUP[redis.call('HGET', G, 'status') or ''] == true
 end
 
--- Split a job spec into its schedule, expiry, queue and arq payload.
+-- Read the head of a job spec: kind, time or delay (ms), expiry (ms), and where its
+-- queue name starts and how long it is; or nil and why the spec is unusable. A usable
+-- spec ("n", "a" or "i", whole numbers within the bounds above, a queue and a payload) is
+-- one every script can send without an error, so scripts check specs before any write.
+local function spec_head(spec)
+  if type(spec) ~= 'string' then return nil, 'its spec is missing' end
+  local kind, when, expires, qlen, at = string.match(spec, '^([nai])(%-?%d+)|(%d+)|(%d+)|()')
+  if not kind then return nil, 'its spec cannot be parsed' end
+  if #when > 15 or #expires > 15 or #qlen > 9 then return nil, 'a number in its spec is out of range' end
+  when, expires, qlen = tonumber(when), tonumber(expires), tonumber(qlen)
+  if kind == 'a' and (when < 0 or when > MAX_TIME_MS) then
+    return nil, 'its time (' .. int(when) .. ' ms) is not between epoch 0 and the year 3000'
+  end
+  if kind == 'i' and (when < -MAX_DELAY_MS or when > MAX_DELAY_MS) then
+    return nil, 'its delay (' .. int(when) .. ' ms) is longer than 100 years'
+  end
+  if expires > MAX_DELAY_MS then return nil, 'its expiry (' .. int(expires) .. ' ms) is longer than 100 years' end
+  if qlen < 1 or at + qlen > #spec then return nil, 'its queue name or payload is cut short' end
+  return kind, when, expires, at, qlen
+end
+
+-- Split a usable job spec into its schedule, expiry, queue and arq payload (nil and why
+-- when it is unusable).
 local function parse_spec(spec)
-  local p1 = string.find(spec, '|', 1, true)
-  local p2 = string.find(spec, '|', p1 + 1, true)
-  local p3 = string.find(spec, '|', p2 + 1, true)
-  local kind = string.sub(spec, 1, 1)
-  local when = tonumber(string.sub(spec, 2, p1 - 1))
-  local expires = tonumber(string.sub(spec, p1 + 1, p2 - 1))
-  local qlen = tonumber(string.sub(spec, p2 + 1, p3 - 1))
-  local queue = string.sub(spec, p3 + 1, p3 + qlen)
-  local payload = string.sub(spec, p3 + qlen + 1)
-  return kind, when, expires, queue, payload
+  local kind, when, expires, at, qlen = spec_head(spec)
+  if not kind then return nil, when end
+  return kind, when, expires, string.sub(spec, at, at + qlen - 1), string.sub(spec, at + qlen)
 end
 
 -- Write arq's own job record for a job spec; returns the queue and score of its queue
--- entry, for the caller to add. An "in" delay counts from now.
-local function write_arq_record(spec, job_id, now)
+-- entry, for the caller to add, or nil and why when the spec is unusable (nothing is
+-- written then). An "in" delay counts from now.
+local function write_arq_record(spec, id, now)
   local kind, when, expires, queue, payload = parse_spec(spec)
+  if not kind then return nil, when end
   local score = due(now)
   if kind == 'a' then score = when elseif kind == 'i' then score = score + when end
   local ttl = expires
   -- A time already past (the stage started after it) runs now: its record lives from now.
   if ttl <= 0 then ttl = math.max(score, now) - now + EXPIRES_EXTRA end
   if ttl < 1 then ttl = 1 end
-  redis.call('SET', ARQ_JOB .. job_id, payload, 'PX', ttl)
-  return queue, score
+  redis.call('SET', ARQ_JOB .. id, payload, 'PX', int(ttl))
+  return queue, int(score)
 end
 
--- Write arq's own job record and queue entry for job seq of stage n (what
--- ArqRedis.enqueue_job does, minus its round trips).
-local function write_arq_job(spec, job_id, now)
-  local queue, score = write_arq_record(spec, job_id, now)
-  redis.call('ZADD', queue, score, job_id)
-end
-
-local function send(sk, n, seq, now)
-  write_arq_job(redis.call('HGET', sk .. ':spec', seq), IDBASE .. n .. ':' .. seq, now)
-  redis.call('HSET', sk .. ':open', seq, 'q')
-  count(sk, 'p', 'q')
+-- Write arq's own job record and queue entry for a job spec (what ArqRedis.enqueue_job
+-- does, minus its round trips). Returns true, or false and why the spec is unusable.
+local function write_arq_job(spec, id, now)
+  local queue, score = write_arq_record(spec, id, now)
+  if not queue then return false, score end
+  redis.call('ZADD', queue, score, id)
+  return true
 end
 
 -- Take job seq of stage n out of arq's queue (it has not started, or waits for a retry).
@@ -155,49 +190,9 @@ local function unsend(sk, n, seq)
   local spec = redis.call('HGET', sk .. ':spec', seq)
   if not spec then return end
   local _, _, _, queue, _ = parse_spec(spec)
-  local job_id = IDBASE .. n .. ':' .. seq
-  redis.call('ZREM', queue, job_id)
-  redis.call('DEL', ARQ_JOB .. job_id)
-end
-
--- Hand the next chunk of pending jobs of running stage n to arq, in enqueue order.
--- Returns the number of jobs that still wait for a later chunk.
-local function send_chunk(n, now, budget)
-  local sk = stage_key(n)
-  local cursor = tonumber(redis.call('HGET', sk, 'cursor') or '0')
-  local total = redis.call('LLEN', sk .. ':jobs')
-  if cursor >= total then return 0, budget end
-  if budget <= 0 then return total - cursor, budget end  -- LRANGE cursor, cursor - 1 is all from 0
-  local last = cursor + budget - 1
-  local seqs = redis.call('LRANGE', sk .. ':jobs', cursor, last)
-  -- The same writes as send() per job, with the reads, queue entries, status and
-  -- counters done once per chunk (a third of the time per job).
-  local opens = #seqs > 0 and redis.call('HMGET', sk .. ':open', unpack(seqs)) or {}
-  local todo = {}
-  for i, seq in ipairs(seqs) do
-    if opens[i] == 'p' then todo[#todo + 1] = seq end
-  end
-  if #todo > 0 then
-    local specs = redis.call('HMGET', sk .. ':spec', unpack(todo))
-    local queued, entries = {}, {}
-    for i, seq in ipairs(todo) do
-      local job_id = IDBASE .. n .. ':' .. seq
-      local queue, score = write_arq_record(specs[i], job_id, now)
-      if not entries[queue] then entries[queue] = {} end
-      local e = entries[queue]
-      e[#e + 1] = score
-      e[#e + 1] = job_id
-      queued[#queued + 1] = seq
-      queued[#queued + 1] = 'q'
-    end
-    for queue, e in pairs(entries) do redis.call('ZADD', queue, unpack(e)) end
-    redis.call('HSET', sk .. ':open', unpack(queued))
-    redis.call('HINCRBY', sk, COUNTER.p, -#todo)
-    redis.call('HINCRBY', sk, COUNTER.q, #todo)
-  end
-  cursor = cursor + #seqs
-  redis.call('HSET', sk, 'cursor', cursor)
-  return total - cursor, budget - #seqs
+  local id = job_id(n, seq)
+  if queue then redis.call('ZREM', queue, id) end
+  redis.call('DEL', ARQ_JOB .. id)
 end
 
 local function delete_stage_keys(n)
@@ -228,7 +223,7 @@ local function summary(outcome, now, stage_n)
     if (tonumber(c[3]) or 0) > 0 and #out.failed_jobs < MAX_FAILED_IDS then
       for _, seq in ipairs(redis.call('HKEYS', sk .. ':err')) do
         if #out.failed_jobs >= MAX_FAILED_IDS then break end
-        out.failed_jobs[#out.failed_jobs + 1] = IDBASE .. n .. ':' .. seq
+        out.failed_jobs[#out.failed_jobs + 1] = job_id(n, seq)
       end
     end
   end
@@ -256,10 +251,94 @@ local function fire(ev, outcome, now, stage_n, text)
         keep_summary(ev, text)
         kept = true
       end
-      write_arq_job(cbs[i + 1], IDBASE .. 'cb:' .. field, now)
+      local ok, why = write_arq_job(cbs[i + 1], IDBASE .. 'cb:' .. field, now)
+      if not ok then
+        -- Skipped, not fatal: the transition that fires it goes on (and no other
+        -- callback is fired twice by a script that stopped half-way).
+        redis.log(redis.LOG_WARNING, 'astages: callback ' .. IDBASE .. 'cb:' .. field .. ' not enqueued: ' .. why)
+        event({'group', string.match(G, '{(.*)}'), 'to', 'callback_skipped', 'callback', field, 'error', why})
+      end
     end
   end
   return text
+end
+
+-- Job seq (pending) of stage n cannot be handed to arq, its stored spec is unusable
+-- (planted, or written by another version): it ends failed with the reason, as a failed
+-- try would, instead of the script stopping half-way. The caller moves the stage on
+-- and applies the failure policy (see sent_failed).
+local function fail_unsendable(sk, n, seq, why, now)
+  local reason = 'not sent to arq: ' .. why .. '; failed by astages'
+  redis.call('HDEL', sk .. ':open', seq)
+  redis.call('HSET', sk .. ':done', seq, 'f0')
+  redis.call('HSET', sk .. ':err', seq, reason)
+  follow_ttl(sk .. ':done', sk .. ':err')
+  count(sk, 'p', 'f0')
+  event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'failed', 'try', 0, 'error', string.sub(reason, 1, 200)})
+  if redis.call('HSETNX', G, 'failed_once', now) == 1 then fire('failure', 'running', now) end
+end
+
+-- Send pending job seq of stage n to arq. Returns true, or false when its spec was
+-- unusable and it failed instead (see fail_unsendable).
+local function send(sk, n, seq, now)
+  local ok, why = write_arq_job(redis.call('HGET', sk .. ':spec', seq), job_id(n, seq), now)
+  if not ok then
+    fail_unsendable(sk, n, seq, why, now)
+    return false
+  end
+  redis.call('HSET', sk .. ':open', seq, 'q')
+  count(sk, 'p', 'q')
+  return true
+end
+
+-- Hand the next chunk of pending jobs of running stage n to arq, in enqueue order.
+-- Returns the number of jobs that still wait for a later chunk, the budget left, and
+-- how many jobs failed instead of being sent (unusable specs).
+local function send_chunk(n, now, budget)
+  local sk = stage_key(n)
+  local cursor = tonumber(redis.call('HGET', sk, 'cursor') or '0')
+  local total = redis.call('LLEN', sk .. ':jobs')
+  if cursor >= total then return 0, budget, 0 end
+  if budget <= 0 then return total - cursor, budget, 0 end  -- LRANGE cursor, cursor - 1 is all from 0
+  local last = cursor + budget - 1
+  local seqs = redis.call('LRANGE', sk .. ':jobs', cursor, last)
+  -- The same writes as send() per job, with the reads, queue entries, status and
+  -- counters done once per chunk (a third of the time per job).
+  local opens = #seqs > 0 and redis.call('HMGET', sk .. ':open', unpack(seqs)) or {}
+  local todo = {}
+  for i, seq in ipairs(seqs) do
+    if opens[i] == 'p' then todo[#todo + 1] = seq end
+  end
+  local failed = 0
+  if #todo > 0 then
+    local specs = redis.call('HMGET', sk .. ':spec', unpack(todo))
+    local queued, entries, bad = {}, {}, {}
+    for i, seq in ipairs(todo) do
+      local id = job_id(n, seq)
+      local queue, score = write_arq_record(specs[i], id, now)
+      if queue then
+        if not entries[queue] then entries[queue] = {} end
+        local e = entries[queue]
+        e[#e + 1] = score
+        e[#e + 1] = id
+        queued[#queued + 1] = seq
+        queued[#queued + 1] = 'q'
+      else
+        bad[#bad + 1] = {seq, score}
+      end
+    end
+    for queue, e in pairs(entries) do redis.call('ZADD', queue, unpack(e)) end
+    if #queued > 0 then
+      redis.call('HSET', sk .. ':open', unpack(queued))
+      redis.call('HINCRBY', sk, COUNTER.p, -#queued / 2)
+      redis.call('HINCRBY', sk, COUNTER.q, #queued / 2)
+    end
+    for _, b in ipairs(bad) do fail_unsendable(sk, n, b[1], b[2], now) end
+    failed = #bad
+  end
+  cursor = cursor + #seqs
+  redis.call('HSET', sk, 'cursor', cursor)
+  return total - cursor, budget - #seqs, failed
 end
 
 local function complete_stage(n, now)
@@ -278,7 +357,7 @@ local function cancel_stage_jobs(n, now)
     local seq, cur = open[i], open[i + 1]
     local c = string.sub(cur, 1, 1)
     if c == 'q' or c == 'e' then unsend(sk, n, seq) end
-    if c == 'r' then redis.call('ZADD', ARQ_ABORT, now, IDBASE .. n .. ':' .. seq) end
+    if c == 'r' then redis.call('ZADD', ARQ_ABORT, now, job_id(n, seq)) end
     local code = 'c' .. try_of(cur)
     redis.call('HSET', sk .. ':done', seq, code)
     count(sk, cur, code)
@@ -363,6 +442,13 @@ local function policy_breached(n)
   return false
 end
 
+-- True when jobs of stage n failed at sending (send_chunk's third result) and that
+-- breaches the failure policy: the caller stops the group (stop_group), as finish_job
+-- does for a failed try.
+local function sent_failed(n, failed)
+  return failed ~= nil and failed > 0 and not group_final() and policy_breached(n)
+end
+
 -- Move the group on: keep sending the running stage(s); when none runs, start the
 -- lowest pending stage (an empty one completes at once and the next is tried); when
 -- every stage is complete the group finishes and its keys are deleted.
@@ -380,27 +466,35 @@ local function advance(now)
       end
     end
     if #running > 0 then
-      local left = 0
+      local left, ended = 0, false
       for _, n in ipairs(running) do
-        local l
-        l, budget = send_chunk(n, now, budget)
+        local l, failed
+        l, budget, failed = send_chunk(n, now, budget)
+        if sent_failed(n, failed) then return stop_group(now, 'failed') end
         left = left + l
+        -- jobs that failed at sending may have been the stage's last open ones
+        if l == 0 and redis.call('HLEN', stage_key(n) .. ':open') == 0 then
+          complete_stage(n, now)
+          ended = true
+        end
       end
-      return {'running', running[1], left}
+      if not ended then return {'running', running[1], left} end
+    else
+      if first_pending == nil then
+        finish_group(now, 'complete')
+        return {'finished', '', 0}
+      end
+      local sk = stage_key(first_pending)
+      redis.call('HSET', sk, 'status', 'running', 'started', now)
+      event({'stage', first_pending, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
+      local left, failed
+      left, budget, failed = send_chunk(first_pending, now, budget)
+      if sent_failed(first_pending, failed) then return stop_group(now, 'failed') end
+      if left > 0 or redis.call('HLEN', sk .. ':open') > 0 then
+        return {'running', first_pending, left}
+      end
+      complete_stage(first_pending, now)
     end
-    if first_pending == nil then
-      finish_group(now, 'complete')
-      return {'finished', '', 0}
-    end
-    local sk = stage_key(first_pending)
-    redis.call('HSET', sk, 'status', 'running', 'started', now)
-    event({'stage', first_pending, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
-    local left
-    left, budget = send_chunk(first_pending, now, budget)
-    if left > 0 or redis.call('HLEN', sk .. ':open') > 0 then
-      return {'running', first_pending, left}
-    end
-    complete_stage(first_pending, now)
   end
 end
 

@@ -1,8 +1,11 @@
 -- Register a callback job: ARGV[6] event (complete, success, failure, stage.<n>),
 -- ARGV[7] its job spec. A failure callback registered after the group's first failure
 -- fires at once. Returns the callback's field "<event>:<k>", or 'GROUP_GONE',
--- 'GROUP_FINISHED', 'STAGE_GONE', 'STAGE_COMPLETE'.
+-- 'GROUP_FINISHED', 'STAGE_GONE', 'STAGE_COMPLETE', 'BAD_SPEC:<why>' (a spec no script
+-- could send; nothing is written).
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
+local usable, why = spec_head(ARGV[7])
+if not usable then return 'BAD_SPEC:' .. why end
 if group_final() then return 'GROUP_FINISHED' end
 local ev = ARGV[6]
 local n = string.match(ev, '^stage%.(.+)$')
@@ -17,6 +20,6 @@ follow_ttl(G .. ':callbacks')
 if ev == 'failure' and redis.call('HEXISTS', G, 'failed_once') == 1 then
   local now = now_ms()
   keep_summary('failure', summary('running', now))
-  write_arq_job(ARGV[7], IDBASE .. 'cb:' .. field, now)
+  write_arq_job(ARGV[7], IDBASE .. 'cb:' .. field, now)  -- usable: checked above
 end
 return field

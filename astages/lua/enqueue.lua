@@ -4,7 +4,9 @@
 -- them to arq at once. The same token twice in a row (a call repeated because its reply
 -- was lost on a dropped connection) records nothing more and gives the first reply.
 -- Returns {first seq, 1 if sent else 0} or an error code:
--- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED'.
+-- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED', or
+-- 'BAD_SPEC:<i>:<why>' when the i-th spec (from 1) is one no script could send (nothing
+-- is written: every spec is checked before the first write).
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
 local n = ARGV[6]
 local sk = stage_key(n)
@@ -14,6 +16,10 @@ if st == 'complete' then return 'STAGE_COMPLETE' end
 if st == 'cancelled' then return 'STAGE_CANCELLED' end
 local count_new = #ARGV - 8
 if count_new < 1 then return {0, 0} end
+for i = 1, count_new do
+  local usable, why = spec_head(ARGV[8 + i])
+  if not usable then return 'BAD_SPEC:' .. i .. ':' .. why end
+end
 local seen = redis.call('HMGET', sk, 'req', 'req_first')
 if seen[1] == ARGV[7] then return {tonumber(seen[2]), st == 'running' and 1 or 0} end
 local first = tonumber(ARGV[8])
@@ -41,7 +47,7 @@ follow_ttl(sk .. ':jobs', sk .. ':spec', sk .. ':open')
 if st ~= 'running' then return {first, 0} end
 local now = now_ms()
 for _, seq in ipairs(seqs) do
-  send(sk, n, seq, now)
-  event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'queued'})
+  -- every spec is usable (checked above), so send() queues each
+  if send(sk, n, seq, now) then event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'queued'}) end
 end
 return {first, 1}

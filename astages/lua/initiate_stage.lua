@@ -17,6 +17,7 @@ if st == 'pending' then
   redis.call('HSET', sk, 'status', 'running', 'started', now)
   event({'stage', n, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
 end
-local left = send_chunk(n, now, SEND_LIMIT)
+local left, _, failed = send_chunk(n, now, SEND_LIMIT)
+if sent_failed(n, failed) then return stop_group(now, 'failed') end
 if left > 0 then return {'running', n, left} end
 return after_job_left(n, now)

@@ -16,7 +16,7 @@ for i = 1, #flat, 2 do
   local seq, code = flat[i], flat[i + 1]
   local c = string.sub(code, 1, 1)
   if c == 'q' or c == 'r' or c == 'e' then
-    local id = IDBASE .. n .. ':' .. seq
+    local id = job_id(n, seq)
     local state = nil
     if redis.call('EXISTS', ARGV[10] .. id) == 1 then
       state = 'result'

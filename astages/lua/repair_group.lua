@@ -48,7 +48,7 @@ for _, n in ipairs(order) do
         if not listed[seq] then
           listed[seq] = true
           redis.call('RPUSH', sk .. ':jobs', seq)
-          out[#out + 1] = 'job_relinked'; out[#out + 1] = IDBASE .. n .. ':' .. seq
+          out[#out + 1] = 'job_relinked'; out[#out + 1] = job_id(n, seq)
         end
       end
     end

@@ -128,7 +128,7 @@ def test_wait_exit_status_says_how_the_group_ended(db_url: str) -> None:
     result = invoke("wait", failed, "--json", "--redis-url", db_url)
     assert result.exit_code == 1, result.output
     data = json.loads(result.output)
-    assert (data["outcome"], data["failed"], data["failed_jobs"]) == ("complete", 1, [f"astages:{failed}:1:2"])
+    assert (data["outcome"], data["failed"], data["failed_jobs"]) == ("complete", 1, [f"astages:{failed}:1:0000000002"])
     assert all(s["duration"] is not None and s["duration"] >= 0 for s in data["stages"])
 
     cancelled = kept_group(db_url, run=False)

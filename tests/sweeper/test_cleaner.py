@@ -38,9 +38,10 @@ async def test_purge_all_deletes_astages_keys_only(real_redis):
     assert await real_redis.keys("astages:*") == []
     assert {k for k in await real_redis.keys("arq:*")} == arq_keys
     assert await real_redis.get("other:app") == b"1" and await real_redis.get("astagesX") == b"1"
-    # the purged groups' jobs still in arq's queue are not run by a worker: their record is gone
+    # the purged groups' jobs still in arq's queue are not run by a worker: their record is
+    # gone, and arq's result of each says so (JobNotRun)
     worker = await run_burst(real_redis, [work])
-    assert worker.jobs_complete == 3 and await real_redis.zcard(default_queue_name) == 0
+    assert worker.jobs_failed == 3 and worker.jobs_complete == 0 and await real_redis.zcard(default_queue_name) == 0
 
 
 async def test_purge_all_with_another_prefix(real_redis):

@@ -82,6 +82,11 @@ class Keys:
         """Pub/sub channel on which a group's end is announced (its summary as JSON)."""
         return f"{self.job_id_base(group_id)}finished"
 
+    def reply(self, token: str) -> str:
+        """The reply of one call, kept a short while so that the call re-sent after its
+        reply was lost gets it back instead of acting again (see once() in _lib.lua)."""
+        return f"{self.prefix}:reply:{token}"
+
     def pattern(self) -> str:
         """SCAN pattern matching every key astages owns under this prefix."""
         return f"{self.prefix}:*"

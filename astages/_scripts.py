@@ -2,9 +2,14 @@
 
 Each ``lua/<name>.lua`` is one state transition; ``lua/_lib.lua`` (its helpers and the
 key layout) is prepended to each. Scripts run with EVALSHA and redis-py's NOSCRIPT
-fallback, so a SCRIPT FLUSH or a server restart costs one extra round trip. Every script
-is idempotent for a given job and try, so a call that failed on a dropped connection is
-safe to repeat.
+fallback, so a SCRIPT FLUSH or a server restart costs one extra round trip.
+
+A command whose reply was lost on a dropped connection is sent again by the retry policy
+(``astages.runner.reconnecting``), after Redis may have run it. The scripts a worker runs
+for each job (``REPEATABLE``) are idempotent per job and try. Every other script (the
+calls a user makes) runs once per call: the call carries a random token, and the script
+keeps its reply under ``<prefix>:reply:<token>`` for a minute, so the same call re-sent
+gets the first reply back without acting again (see ``once`` in ``lua/_lib.lua``).
 """
 
 from __future__ import annotations
@@ -34,15 +39,35 @@ NOSCRIPT_TRIES = 3
 SEND_LIMIT = 1000
 
 
+# Scripts safe to repeat as they are, run on every job's path (a worker's start and
+# report, sending a big stage on) or by the maintenance passes (the sweeper's probe,
+# nudge and unindex, the Cleaner's repair): they pay nothing for lost replies. Every
+# other script runs once per call (see the module doc).
+REPEATABLE = frozenset({"start_job", "finish_job", "probe_jobs", "send_more", "nudge", "repair_group", "unindex"})
+
+
+def _once(body: str) -> str:
+    """A script's text made to run once per call: its body becomes a function that
+    ``once`` (in ``_lib.lua``) runs unless the call's reply is kept already."""
+    return f"local function body()\n{body}\nend\nreturn once(body)\n"
+
+
 def _load() -> dict[str, bytes]:
     """Every ``lua/<name>.lua`` but the shared ``_lib.lua``, with the lib prepended."""
     folder = resources.files("astages") / "lua"
     lib = (folder / "_lib.lua").read_text(encoding="utf-8")
-    return {
-        entry.name.removesuffix(".lua"): (lib + "\n" + entry.read_text(encoding="utf-8")).encode()
-        for entry in folder.iterdir()
-        if entry.name.endswith(".lua") and not entry.name.startswith("_")
-    }
+    scripts = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".lua") and not entry.name.startswith("_"):
+            name = entry.name.removesuffix(".lua")
+            body = entry.read_text(encoding="utf-8")
+            scripts[name] = (lib + "\n" + (body if name in REPEATABLE else _once(body))).encode()
+    return scripts
+
+
+def _token() -> str:
+    """A call's random token (64 bits: no two calls within a reply's life share one)."""
+    return secrets.token_hex(8)
 
 
 class _Script(AsyncScript):
@@ -119,7 +144,10 @@ class Store:
 
     async def run_now(self, name: str, group_id: str, *args: Any) -> Any:
         """``run`` without writing buffered jobs first (the buffer's own calls)."""
-        keys = (self.keys.group(group_id), self.keys.index)
+        keys: tuple[str, ...] = (self.keys.group(group_id), self.keys.index)
+        if name not in REPEATABLE:
+            # the call's reply key: the same command re-sent after a lost reply finds it
+            keys = (*keys, self.keys.reply(_token()))
         argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, now_ms(), *args)
         try:
             for _ in range(NOSCRIPT_TRIES - 1):

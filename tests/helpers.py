@@ -74,3 +74,10 @@ async def start_unsent(group: astages.StagedGroup, number: int, send: int = 0) -
         await group.store.run("initiate_stage", group.id, number)
     finally:
         scripts.SEND_LIMIT = saved
+
+
+async def keys_left(redis: ArqRedis, pattern: str = "astages:*") -> list[bytes]:
+    """The keys matching ``pattern``, but the reply keys of recent calls
+    (``<prefix>:reply:<token>``: kept a minute so that a call re-sent after its reply was
+    lost acts once, see ``once`` in astages/lua/_lib.lua); what "no key is left" means."""
+    return sorted(k for k in await redis.keys(pattern) if b":reply:" not in k)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from arq.constants import default_queue_name
+from helpers import keys_left
 
 import astages
 from astages import JobStatus, StageStatus
@@ -84,7 +85,7 @@ async def test_exception_drops_the_buffer_with_the_group(redis):
                 await stage.enqueue(work, i)
             raise RuntimeError("stop")
     assert not await group.exists()
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_initiating_in_the_block_ends_buffering(redis):
@@ -133,7 +134,7 @@ async def test_failed_write_at_the_end_removes_the_group(redis):
             other = await astages.StagedGroup.load(redis, group.id)
             await (await other.get_stage(1)).delete()
     assert not await group.exists()
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_concurrent_enqueues_beside_a_bulk_call_all_land(real_redis):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Server
-from helpers import wait_for
+from helpers import keys_left, wait_for
 
 import astages
 
@@ -75,7 +75,7 @@ async def test_two_workers_run_each_job_once_and_stages_in_order(real_redis, wor
         last_end = max(t for what, tag, t, _ in log if what == "end" and stage_of(tag) == n)
         first_next = min(t for what, tag, t, _ in log if what == "start" and stage_of(tag) == n + 1)
         assert last_end <= first_next
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_retries_then_advance_across_processes(real_redis, workers):

@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 from arq.constants import default_queue_name, job_key_prefix
+from helpers import keys_left
 
 import astages
 from astages import JobStatus, StagedGroup, StageStatus
@@ -16,7 +17,7 @@ async def work(ctx, *args, **kwargs):
 
 
 async def astages_keys(redis) -> list[str]:
-    return sorted(k.decode() for k in await redis.keys("astages:*"))
+    return sorted(k.decode() for k in await keys_left(redis))
 
 
 async def queued_ids(redis, queue: str = default_queue_name) -> list[str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import keys_left
 
 import astages
+import astages._scripts
 from astages import JobStatus, StagedGroup, StageStatus
 from astages._scripts import SCRIPTS
 
@@ -83,7 +85,7 @@ async def test_reports_for_deleted_job_create_nothing(redis):
     await group.delete()
     assert await start(job) == "gone"
     assert await finish(job, "s") == "gone"
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_race_last_jobs_finish_together(real_redis):
@@ -104,7 +106,7 @@ async def test_race_group_finishes_exactly_once(real_redis):
     outcomes = await asyncio.gather(*(finish(job, "f" if i % 2 else "s") for i, job in enumerate(jobs)))
     assert outcomes.count("finished") == 1
     assert not await group.exists()
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_race_concurrent_initiate(real_redis):
@@ -160,15 +162,17 @@ async def test_every_script_survives_script_flush(real_redis, name):
     assert await real_redis.script_exists(SCRIPTS[name].sha) == [True]
 
 
-async def test_repeated_enqueue_call_records_once(redis):
+async def test_repeated_enqueue_call_records_once(redis, monkeypatch):
     """A recording call repeated with its token (reply lost, retried) adds no job."""
     group = await StagedGroup.create(redis, "retry-safe")
     stage = await group.stage(1)
     spec, _ = stage._spec(work, (1,), {}, astages.models.Schedule())
-    first = await group.store.run("enqueue", group.id, 1, "tok-1", "", spec)
-    again = await group.store.run("enqueue", group.id, 1, "tok-1", "", spec)
+    monkeypatch.setattr(astages._scripts, "_token", lambda: "tok-1")  # the call's reply key
+    first = await group.store.run("enqueue", group.id, 1, "", "", spec)
+    again = await group.store.run("enqueue", group.id, 1, "", "", spec)
     assert first == again and await stage.num_jobs() == 1
-    other = await group.store.run("enqueue", group.id, 1, "tok-2", "", spec)
+    monkeypatch.setattr(astages._scripts, "_token", lambda: "tok-2")
+    other = await group.store.run("enqueue", group.id, 1, "", "", spec)
     assert int(other[0]) == int(first[0]) + 1 and await stage.num_jobs() == 2
 
 

@@ -9,7 +9,7 @@ import arq
 import pytest
 from arq import Retry
 from arq.constants import default_queue_name
-from helpers import run_burst
+from helpers import keys_left, run_burst
 
 import astages
 from astages import JobStatus, StagedGroup
@@ -70,7 +70,7 @@ async def test_stages_run_in_order_and_group_cleans_up(redis):
         first_next = min(t for kind, tag, t in EVENTS if kind == "start" and tag[0] == n + 1)
         assert last_end <= first_next
     assert not await group.exists()
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_retry_keeps_stage_open(redis):
@@ -176,7 +176,7 @@ async def test_plain_job_beside_staged_ones(redis):
     assert await plain_job.result(timeout=5) == 42
     assert ("plain", True) in [(k, t) for k, t, _ in EVENTS]
     assert worker.jobs_complete == 2
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_final_job_redelivered_is_not_run_again(redis):
@@ -247,7 +247,7 @@ async def test_custom_queue_and_prefix(redis):
     assert await StagedGroup.count(redis, prefix="myapp") == 1
     await run_burst(redis, [record], queue_name="jobs:q", prefix="myapp")
     assert not await group.exists()
-    assert await redis.keys("myapp:*") == []
+    assert await keys_left(redis, "myapp:*") == []
 
 
 async def noop(ctx, x):

@@ -508,3 +508,20 @@ local function after_job_left(n, now)
   if redis.call('HGET', G, 'status') ~= 'running' then return {'complete', n, 0} end
   return advance(now)
 end
+
+-- A call a user makes (every script but a worker's per-job reports and the maintenance
+-- passes, see REPEATABLE in astages/_scripts.py) has the effect of one call however often it is
+-- sent: a reply lost on a dropped connection makes the client's retry policy send the
+-- same command again. Such a script's text is wrapped as body() and run by once(): its
+-- reply is kept under KEYS[3] ("<prefix>:reply:<random token of the call>") for
+-- REPLY_TTL ms, written in the same atomic script, and a call that finds it gets that
+-- reply back without acting again. A Lua error writes no reply (nothing to repeat).
+local REPLY_TTL = 60000
+
+local function once(body)
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return cjson.decode(seen) end
+  local reply = body()
+  redis.call('SET', KEYS[3], cjson.encode(reply), 'PX', REPLY_TTL)
+  return reply
+end

@@ -1,8 +1,8 @@
--- Record jobs in stage ARGV[6]; ARGV[7] is the call's request token, ARGV[8] the seq of
+-- Record jobs in stage ARGV[6]; ARGV[7] is not read (a call re-sent after its reply was
+-- lost is answered by once(), _lib.lua), ARGV[8] the seq of
 -- the first job when reserved beforehand (reserve.lua; '' to take new ones here),
 -- ARGV[9..] are the jobs' specs (see _lib.lua). A pending stage only records them; a running stage hands
--- them to arq at once. The same token twice in a row (a call repeated because its reply
--- was lost on a dropped connection) records nothing more and gives the first reply.
+-- them to arq at once.
 -- Returns {first seq, 1 if sent else 0} or an error code:
 -- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED', or
 -- 'BAD_SPEC:<i>:<why>' when the i-th spec (from 1) is one no script could send (nothing
@@ -20,8 +20,6 @@ for i = 1, count_new do
   local usable, why = spec_head(ARGV[8 + i])
   if not usable then return 'BAD_SPEC:' .. i .. ':' .. why end
 end
-local seen = redis.call('HMGET', sk, 'req', 'req_first')
-if seen[1] == ARGV[7] then return {tonumber(seen[2]), st == 'running' and 1 or 0} end
 local first = tonumber(ARGV[8])
 -- Reserved seqs written already (a buffer's write repeated after it failed on a lost
 -- reply): the jobs are there, record nothing more.
@@ -29,7 +27,6 @@ if first and redis.call('HEXISTS', sk .. ':spec', first) == 1 then
   return {first, st == 'running' and 1 or 0}
 end
 if not first then first = redis.call('HINCRBY', sk, 'seq', count_new) - count_new + 1 end
-redis.call('HSET', sk, 'req', ARGV[7], 'req_first', first)
 local seqs, specs, opens = {}, {}, {}
 for i = 1, count_new do
   local seq = first + i - 1

@@ -35,6 +35,7 @@ import chaos_app
 import pytest
 from arq.connections import ArqRedis, create_pool
 from conftest import Server
+from helpers import keys_left
 from redis.exceptions import RedisError
 
 import astages
@@ -316,7 +317,7 @@ async def test_chaos(real_redis: ArqRedis, redis_server: Server, fleet: Fleet) -
     fleet.stop()
 
     async def no_keys() -> bool:
-        return await redis.keys("astages:*") == []
+        return await keys_left(redis) == []
 
     await wait_until(no_keys, 10, "no astages key to be left")  # the sweeper lock expires
 

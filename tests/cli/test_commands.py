@@ -15,6 +15,7 @@ from cli_helpers import (
     on_redis,
 )
 from click.testing import CliRunner
+from helpers import keys_left
 
 import astages
 from astages.cli import main
@@ -148,7 +149,7 @@ def test_purge_asks_first_and_deletes_every_astages_key(db_url: str) -> None:
     result = invoke("purge", "--redis-url", db_url, "--yes", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["deleted_keys"] > 0
-    assert on_redis(db_url, lambda redis: redis.keys("astages:*")) == []
+    assert on_redis(db_url, keys_left) == []
     assert on_redis(db_url, lambda redis: redis.get("unrelated")) == b"1"
     confirmed = invoke("purge", "--redis-url", db_url, input="y\n")
     assert confirmed.exit_code == 0 and confirmed.output.endswith("deleted 0 keys\n")

@@ -15,6 +15,7 @@ from cli_helpers import (
     noop,
     on_redis,
 )
+from helpers import keys_left
 
 from astages.testing import run_group
 
@@ -94,7 +95,7 @@ def test_demo_on_a_real_server_leaves_nothing_behind(db_url: str) -> None:
     assert data["retried"] > 0
     assert data["failures"][0]["error"] == "PhotoMissing: photo 13: the source answered 404"
     assert time.monotonic() - started < 30
-    assert on_redis(db_url, lambda redis: redis.keys("*")) == []
+    assert on_redis(db_url, lambda redis: keys_left(redis, "*")) == []
 
 
 def test_demo_without_a_server(db_url: str) -> None:

@@ -7,7 +7,7 @@ import asyncio
 
 import arq.worker
 import pytest
-from helpers import run_burst, stop_when_idle, wait_for
+from helpers import keys_left, run_burst, stop_when_idle, wait_for
 from redis.exceptions import ResponseError
 
 import astages
@@ -93,7 +93,7 @@ async def test_unknown_ids_raise_not_found(real_redis):
         await StagedJob.load(real_redis, "astages:no-such-group:1:1")
     with pytest.raises(JobNotFound):
         await StagedJob.load(real_redis, "not a staged job id")
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_deleted_stage_group_and_job(real_redis):
@@ -180,7 +180,7 @@ async def test_planted_garbage_is_reported_and_removable(real_redis):
     assert worker.jobs_complete + worker.jobs_failed == 1
     assert (await astages.sweeper.sweep(real_redis, grace=0)).errors == 1  # skipped, logged, not raised
     assert await group.delete()
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_garbage_in_the_index_and_stage_list(real_redis):

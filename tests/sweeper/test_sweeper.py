@@ -7,7 +7,7 @@ import time
 
 import arq.worker
 from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
-from helpers import stop_when_idle, wait_for
+from helpers import keys_left, stop_when_idle, wait_for
 
 import astages
 from astages import Cleaner, JobStatus, StagedGroup, StageStatus, Sweeper
@@ -62,7 +62,7 @@ async def test_arq_results_settle_jobs_no_hook_reported(real_redis):
     await plain_burst(real_redis, [work])
     await Sweeper(real_redis).sweep()
     assert not await group.exists()
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_function_not_found_fails_the_job_and_the_group_moves_on(real_redis):
@@ -79,7 +79,7 @@ async def test_function_not_found_fails_the_job_and_the_group_moves_on(real_redi
         await wait_for(gone, within=10, what="the sweeper to finish the group")
     finally:
         await stop_when_idle(worker, task)
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_lost_job_fails_after_two_looks_with_a_message(real_redis):
@@ -219,7 +219,7 @@ async def test_worker_sweeper_starts_stops_and_keeps_user_hooks(real_redis):
         await stop_when_idle(worker, task)
     assert calls == ["startup", "shutdown"]
     assert sweeper_task.done()
-    assert await real_redis.keys("astages:*") == []
+    assert await keys_left(real_redis) == []
 
 
 async def test_sweeper_skips_a_corrupt_group_and_goes_on(real_redis):

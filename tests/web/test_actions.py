@@ -8,7 +8,7 @@ import base64
 import httpx
 import pytest
 from arq.connections import ArqRedis
-from helpers import start_unsent
+from helpers import keys_left, start_unsent
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -86,7 +86,7 @@ async def test_delete_all_groups(client: httpx.AsyncClient, redis: ArqRedis) -> 
     reply = await post_form(client, "/", "/actions/delete-all-groups")
     assert flash_of((await _follow(client, reply)).text) == "Deleted 2 groups."
     assert await astages.StagedGroup.count(redis) == 0
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_cleanup_and_purge(client: httpx.AsyncClient, redis: ArqRedis) -> None:
@@ -99,7 +99,7 @@ async def test_cleanup_and_purge(client: httpx.AsyncClient, redis: ArqRedis) -> 
     reply = await post_form(client, "/", "/actions/purge")
     message = flash_of((await _follow(client, reply)).text) or ""
     assert message.startswith("Purged:") and "keys deleted" in message, message
-    assert await redis.keys("astages:*") == []
+    assert await keys_left(redis) == []
 
 
 async def test_destructive_action_asks_first(fake_client: httpx.AsyncClient, fake_redis: ArqRedis) -> None:

@@ -185,3 +185,24 @@ async def test_a_stage_made_again_does_not_fire_the_old_stages_callbacks(real_re
     await group.store.move("finish_job", group.id, 1, second.ref.seq, 1, "s", "")
     callbacks = [m for m in await real_redis.zrange("arq:queue", 0, -1) if b":cb:" in m]
     assert len(callbacks) == 1 and callbacks[0] != fired[0]
+
+
+async def test_cancel_asks_arq_to_abort_only_jobs_it_runs(real_redis):
+    """Cancelling asks arq to abort (its arq:abort set) only the jobs arq is running: a job
+    astages saw running whose run already ended in arq (its report was lost) left an entry
+    nothing ever removed; a job arq re-queued instead leaves arq's queue."""
+    group = await StagedGroup.create(real_redis, "abort")
+    jobs = await (await group.stage(1)).enqueue_many([(work, (i,)) for i in range(3)])
+    await group.initiate()
+    ids = [str(j.id) for j in jobs]
+    for job in jobs:
+        assert job.ref is not None
+        await group.store.run("start_job", group.id, 1, job.ref.seq, 1)
+    await real_redis.set(f"arq:in-progress:{ids[0]}", b"1")  # arq runs it
+    await real_redis.delete(f"arq:job:{ids[1]}")  # ended in arq; its report was lost
+    await real_redis.zrem("arq:queue", ids[1])
+    # ids[2]: a Retry whose report was lost: back in arq's queue, not in progress
+    await group.cancel()
+    assert await real_redis.zrange("arq:abort", 0, -1) == [ids[0].encode()]
+    assert await real_redis.zrange("arq:queue", 0, -1) == [ids[0].encode()]
+    assert not await real_redis.exists(f"arq:job:{ids[2]}")

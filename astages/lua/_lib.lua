@@ -44,6 +44,8 @@ local SEND_LIMIT = tonumber(ARGV[4])
 local CALLER_NOW = tonumber(ARGV[5])
 -- arq's set of jobs to abort, beside its job keys ("arq:job:" -> "arq:abort").
 local ARQ_ABORT = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'abort'
+-- ... and its in-progress marks ("arq:in-progress:<id>").
+local ARQ_IN_PROGRESS = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'in-progress:'
 
 local COUNTER = {
   p = 'pending', q = 'queued', r = 'running', e = 'pending_re_run',
@@ -356,8 +358,18 @@ local function cancel_stage_jobs(n, now)
   for i = 1, #open, 2 do
     local seq, cur = open[i], open[i + 1]
     local c = string.sub(cur, 1, 1)
-    if c == 'q' or c == 'e' then unsend(sk, n, seq) end
-    if c == 'r' then redis.call('ZADD', ARQ_ABORT, now, job_id(n, seq)) end
+    if c == 'r' then
+      -- Ask arq to abort only a run it has under way: a run that ended (its report was
+      -- lost) would leave an entry arq never removes; a try arq re-queued (a Retry whose
+      -- report was lost) leaves arq's queue as an unstarted job does.
+      if redis.call('EXISTS', ARQ_IN_PROGRESS .. job_id(n, seq)) == 1 then
+        redis.call('ZADD', ARQ_ABORT, now, job_id(n, seq))
+      else
+        unsend(sk, n, seq)
+      end
+    elseif c == 'q' or c == 'e' then
+      unsend(sk, n, seq)
+    end
     local code = 'c' .. try_of(cur)
     redis.call('HSET', sk .. ':done', seq, code)
     count(sk, cur, code)

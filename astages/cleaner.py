@@ -14,6 +14,11 @@
 
 All three walk keys with SCAN (never KEYS). Each group is read or repaired atomically
 (one MULTI, one script), so they are safe while workers run.
+
+The reply keys of recent calls (``<prefix>:reply:<token>``, kept a minute so that a call
+re-sent after its reply was lost acts once; see ``astages._scripts``) belong to no group:
+repair and check never look at them (they walk ``<prefix>:{*`` and the index), and
+purge_all deletes them with the rest.
 """
 
 from __future__ import annotations

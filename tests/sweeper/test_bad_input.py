@@ -4,10 +4,14 @@ error or a clear job failure, never a stuck group or a crashed worker (real Redi
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import math
+import secrets
+import time
 
 import arq.worker
 import pytest
-from helpers import keys_left, run_burst, stop_when_idle, wait_for
+from helpers import keys_left, run_burst, start_unsent, stop_when_idle, wait_for
 from redis.exceptions import ResponseError
 
 import astages
@@ -16,8 +20,10 @@ from astages import (
     Cleaner,
     CorruptRecord,
     GroupNotFound,
+    GroupStatus,
     InvalidJobFunction,
     InvalidQueue,
+    InvalidSchedule,
     InvalidStageNumber,
     InvalidStatusMessage,
     JobNotFound,
@@ -25,7 +31,10 @@ from astages import (
     StagedGroup,
     StagedJob,
     StageNotFound,
+    StageStatus,
 )
+from astages._scripts import raise_code
+from astages.models import decode_spec
 
 OUTCOMES: dict[str, str] = {}
 
@@ -193,3 +202,209 @@ async def test_garbage_in_the_index_and_stage_list(real_redis):
     report = await Cleaner.cleanup_jobs(real_redis)
     assert report.stages_dropped == (f"{group.id}:not-a-number",)
     assert await Cleaner.check(real_redis) == {}
+
+
+# -- out-of-range times and unusable specs (issue 10, item 3) ---------------------------
+
+CALLS: list[str] = []
+
+
+async def note(ctx, summary, tag):
+    """A callback: records that it ran (once per run)."""
+    CALLS.append(tag)
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls():
+    CALLS.clear()
+
+
+# Every value the bad-input table lists: refused with InvalidSchedule, nothing recorded.
+BAD_SCHEDULES = {
+    "enqueue_at(time.time() * 1e6)": lambda s: s.enqueue_at(time.time() * 1e6, work, "x"),
+    "enqueue_at(-1)": lambda s: s.enqueue_at(-1, work, "x"),
+    "enqueue_at(1900)": lambda s: s.enqueue_at(dt.datetime(1900, 1, 1, tzinfo=dt.UTC), work, "x"),
+    "enqueue_at(3001)": lambda s: s.enqueue_at(dt.datetime(3001, 1, 1, tzinfo=dt.UTC), work, "x"),
+    "enqueue_at(nan)": lambda s: s.enqueue_at(math.nan, work, "x"),
+    "enqueue_at(inf)": lambda s: s.enqueue_at(math.inf, work, "x"),
+    "enqueue_in(1e14)": lambda s: s.enqueue_in(1e14, work, "x"),
+    "enqueue_in(nan)": lambda s: s.enqueue_in(math.nan, work, "x"),
+    "enqueue_in(inf)": lambda s: s.enqueue_in(math.inf, work, "x"),
+    "enqueue_in(-inf)": lambda s: s.enqueue_in(-math.inf, work, "x"),
+    "enqueue_in(timedelta.max)": lambda s: s.enqueue_in(dt.timedelta.max, work, "x"),
+    "_defer_until=1e14": lambda s: s.enqueue(work, "x", _defer_until=1e14),
+    "_defer_until=datetime.max": lambda s: s.enqueue(work, "x", _defer_until=dt.datetime.max),
+    "_defer_by=10**15": lambda s: s.enqueue(work, "x", _defer_by=10**15),
+    "_defer_by=nan": lambda s: s.enqueue(work, "x", _defer_by=math.nan),
+    "_expires=1e14": lambda s: s.enqueue(work, "x", _expires=1e14),
+    "_expires=-1": lambda s: s.enqueue(work, "x", _expires=-1),
+    "_expires=inf": lambda s: s.enqueue(work, "x", _expires=math.inf),
+    "_expires=nan": lambda s: s.enqueue(work, "x", _expires=math.nan),
+    "_job_try=0": lambda s: s.enqueue(work, "x", _job_try=0),
+    "_job_try=2.5": lambda s: s.enqueue(work, "x", _job_try=2.5),
+    "_job_try='2'": lambda s: s.enqueue(work, "x", _job_try="2"),
+    "_job_try=10**30": lambda s: s.enqueue(work, "x", _job_try=10**30),
+    "enqueue_many _expires=1e14": lambda s: s.enqueue_many([(work, ("ok",)), (work, ("x",), {"_expires": 1e14})]),
+    "stage callback _defer_by=10**15": lambda s: s.on_complete(note, "x", _defer_by=10**15),
+    "group callback _defer_by=10**15": lambda s: s.group.on_complete(note, "x", _defer_by=10**15),
+    "group callback _defer_until=nan": lambda s: s.group.on_failure(note, "x", _defer_until=math.nan),
+    "group callback _expires=1e14": lambda s: s.group.on_success(note, "x", _expires=1e14),
+}
+
+
+@pytest.mark.parametrize("call", BAD_SCHEDULES.values(), ids=BAD_SCHEDULES.keys())
+async def test_out_of_range_schedule_is_refused_and_records_nothing(real_redis, call):
+    """An out-of-range, NaN or infinite time, delay or expiry (or a bad _job_try): InvalidSchedule, nothing recorded."""
+    group = await StagedGroup.create(real_redis, "bad schedule")
+    stage = await group.stage(1)
+    with pytest.raises(InvalidSchedule, match=r"not|between|at most|from"):
+        await call(stage)
+    keys = group.store.keys
+    assert await stage.num_jobs() == 0
+    assert await real_redis.hlen(keys.callbacks(group.id)) == 0
+
+
+async def test_refused_schedules_leave_the_group_to_end_once(real_redis):
+    """After every bad value was refused, the group runs to its end and each callback fires exactly once."""
+    group = await StagedGroup.create(real_redis, "refused")
+    s1 = await group.stage(1)
+    await s1.enqueue(work, "a")
+    await s1.enqueue_in(-5, work, "negative delay")  # a negative delay means now, as in arq
+    await s1.enqueue_at(time.time() - 60, work, "past time")
+    await (await group.stage(2)).enqueue(work, "b")
+    await group.on_complete(note, "complete")
+    await s1.on_complete(note, "stage1")
+    for call in BAD_SCHEDULES.values():
+        with pytest.raises(InvalidSchedule):
+            await call(s1)
+    await group.initiate()
+    await run_burst(real_redis, [work, note])
+    assert not await group.exists()
+    assert sorted(CALLS) == ["complete", "stage1"]
+    assert OUTCOMES == {"a": "ran", "negative delay": "ran", "past time": "ran", "b": "ran"}
+
+
+async def _respec(redis, key: str, field: str | bytes, make) -> None:
+    """Rewrite one stored spec with ``make(queue bytes, payload)`` (as another version, or a hand, might)."""
+    _, queue, payload = decode_spec(await redis.hget(key, field))
+    await redis.hset(key, field, make(queue.encode(), payload))
+
+
+# Stored specs no script can send: (name, make(queue, payload) -> spec, what the error says)
+PLANTED = [
+    ("time*1e6", lambda q, p: b"a1780000000000000000000|0|%d|" % len(q) + q + p, "out of range"),
+    ("year 5138", lambda q, p: b"a100000000000000|0|%d|" % len(q) + q + p, "not between epoch 0"),
+    ("before 1970", lambda q, p: b"a-5|0|%d|" % len(q) + q + p, "not between epoch 0"),
+    ("in 1e14 s", lambda q, p: b"i100000000000000000|0|%d|" % len(q) + q + p, "out of range"),
+    ("in 1e13 ms", lambda q, p: b"i10000000000000|0|%d|" % len(q) + q + p, "longer than 100 years"),
+    ("expires 1e14 s", lambda q, p: b"n0|100000000000000000|%d|" % len(q) + q + p, "out of range"),
+    ("expires 1e13 ms", lambda q, p: b"n0|10000000000000|%d|" % len(q) + q + p, "longer than 100 years"),
+    ("exponent", lambda q, p: b"a1.78e+15|0|%d|" % len(q) + q + p, "cannot be parsed"),
+    ("nan", lambda q, p: b"anan|0|%d|" % len(q) + q + p, "cannot be parsed"),
+    ("garbage", lambda q, p: b"garbage", "cannot be parsed"),
+    ("queue cut", lambda q, p: b"n0|0|999|" + q + p[:3], "cut short"),
+    ("no payload", lambda q, p: b"n0|0|%d|" % len(q) + q, "cut short"),
+]
+
+
+async def test_planted_unusable_specs_fail_their_jobs_and_the_group_ends(real_redis):
+    """Stored specs no script can send fail their jobs with the reason when their stage starts (a stage of only
+    such jobs completes at once); the group ends, each callback fires once, a bad callback is skipped with an
+    event, and a sweeper pass finds nothing to repair."""
+    group = await StagedGroup.create(real_redis, "planted", keep_for=60)
+    s1, s2, s3 = await group.stage(1), await group.stage(2), await group.stage(3)
+    await s1.enqueue(work, "s1-ok")
+    bad = {name: await s1.enqueue(work, name) for name, _, _ in PLANTED}
+    only_bad = [await s2.enqueue(work, f"s2-{i}") for i in range(3)]
+    await s3.enqueue(work, "s3-ok")
+    await group.on_complete(note, "complete")
+    await group.on_failure(note, "failure")
+    await group.on_complete(note, "bad callback")
+    await s1.on_complete(note, "stage1")
+    await s2.on_complete(note, "stage2")
+    keys = group.store.keys
+    for name, make, _ in PLANTED:
+        await _respec(real_redis, keys.stage_part(group.id, 1, "spec"), str(bad[name].ref.seq), make)
+    for job in only_bad:
+        await _respec(real_redis, keys.stage_part(group.id, 2, "spec"), str(job.ref.seq), PLANTED[0][1])
+    fields = await real_redis.hgetall(keys.callbacks(group.id))
+    (field,) = [f for f, spec in fields.items() if b"bad callback" in spec]
+    await _respec(real_redis, keys.callbacks(group.id), field, lambda q, p: b"i1000000000000000000|0|1|q" + p)
+
+    await group.initiate()
+    await run_burst(real_redis, [work, note])
+
+    assert await group.status() is GroupStatus.COMPLETE
+    assert sorted(CALLS) == ["complete", "failure", "stage1", "stage2"]
+    assert OUTCOMES == {"s1-ok": "ran", "s3-ok": "ran"}
+    for name, _, why in PLANTED:
+        assert await bad[name].status() is JobStatus.FAILED, name
+        assert "not sent to arq" in (await bad[name].error() or "") and why in (await bad[name].error() or ""), name
+    progress = await group.progress()
+    assert (progress[1].failed, progress[2].failed, progress[3].successful) == (len(PLANTED), 3, 1)
+    skipped = [e for e in await group.events(1000) if e.to_status == "callback_skipped"]
+    assert [e.details["callback"] for e in skipped] == [field.decode()]
+    assert "out of range" in skipped[0].details["error"]
+    report = await astages.sweeper.sweep(real_redis, grace=0)
+    assert report.errors == 0
+    assert await Cleaner.check(real_redis) == {}
+
+
+async def test_unusable_spec_breaching_the_failure_policy_stops_the_group_once(real_redis):
+    """A job failed for its unusable spec counts for the failure policy: a halting group ends failed, once."""
+    group = await StagedGroup.create(real_redis, "halt", failure_policy="halt", keep_for=60)
+    s1 = await group.stage(1)
+    job = await s1.enqueue(work, "bad")
+    await s1.enqueue(work, "never")
+    await (await group.stage(2)).enqueue(work, "never either")
+    await group.on_complete(note, "complete")
+    await group.on_failure(note, "failure")
+    keys = group.store.keys
+    await _respec(real_redis, keys.stage_part(group.id, 1, "spec"), str(job.ref.seq), PLANTED[0][1])
+    await group.initiate()
+    await run_burst(real_redis, [work, note])
+    assert await group.status() is GroupStatus.FAILED
+    assert sorted(CALLS) == ["complete", "failure"]
+    assert OUTCOMES == {}
+
+
+async def test_unusable_specs_in_a_later_chunk_complete_the_stage(real_redis):
+    """A stage sent in chunks whose last chunk holds only unusable specs completes when that chunk is sent."""
+    group = await StagedGroup.create(real_redis, "chunks")
+    s1 = await group.stage(1)
+    first = [await s1.enqueue(work, f"first-{i}") for i in range(2)]
+    later = [await s1.enqueue(work, f"later-{i}") for i in range(3)]
+    await (await group.stage(2)).enqueue(work, "next")
+    keys = group.store.keys
+    for job in later:
+        await _respec(real_redis, keys.stage_part(group.id, 1, "spec"), str(job.ref.seq), PLANTED[0][1])
+    await start_unsent(group, 1, send=2)  # the first chunk only
+    for job in first:  # the sent jobs finish before the rest is sent
+        await group.store.run("start_job", group.id, 1, job.ref.seq, 1)
+        await group.store.move("finish_job", group.id, 1, job.ref.seq, 1, "s", "")
+    assert await s1.status() is StageStatus.RUNNING
+    motion = await group.store.move("send_more", group.id)
+    assert (motion.outcome, motion.stage) == ("running", "2")
+    assert await s1.status() is StageStatus.COMPLETE
+    assert [await job.status() for job in later] == [JobStatus.FAILED] * 3
+
+
+async def test_scripts_refuse_an_unusable_spec_before_any_write(real_redis):
+    """enqueue and add_callback given a spec no script could send raise CorruptRecord and write nothing."""
+    group = await StagedGroup.create(real_redis, "raw")
+    stage = await group.stage(1)
+    await stage.enqueue(work, "ok")
+    keys = group.store.keys
+    pattern = keys.group(group.id) + "*"
+    before = {k: await real_redis.dump(k) for k in await real_redis.keys(pattern)}
+    good = await real_redis.hget(keys.stage_part(group.id, 1, "spec"), "1")
+    for spec in (b"a1780000000000000000000|0|9|arq:queuex", b"garbage", b"i1e14|0|9|arq:queuex"):
+        reply = await group.store.run("enqueue", group.id, 1, secrets.token_hex(8), "", good, spec)
+        with pytest.raises(CorruptRecord, match=r"job 2 of the call: .*; nothing was recorded"):
+            raise_code(reply, group.id, 1)
+        for event in ("complete", "stage.1"):
+            reply = await group.store.run("add_callback", group.id, event, spec)
+            with pytest.raises(CorruptRecord, match="nothing was recorded"):
+                raise_code(reply, group.id, None)
+    assert {k: await real_redis.dump(k) for k in await real_redis.keys(pattern)} == before
+    assert await stage.num_jobs() == 1

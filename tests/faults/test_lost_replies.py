@@ -136,6 +136,10 @@ async def enqueue(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await stage_of(redis, ctx, 2)).enqueue(work, "one")
 
 
+async def enqueue_running(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await stage_of(redis, ctx, 1)).enqueue(work, "sent")
+
+
 async def enqueue_many(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await stage_of(redis, ctx, 1)).enqueue_many([(work, (i,)) for i in range(3)])
 
@@ -238,7 +242,8 @@ CASES = [
     Case("within_a_grouping, not buffered", nothing, unbuffered_grouping),
     Case("group.stage(n)", pending, new_stage),
     Case("stage.enqueue, pending stage", pending, enqueue),
-    Case("stage.enqueue, running stage", running, enqueue_many),
+    Case("stage.enqueue, running stage", running, enqueue_running),
+    Case("stage.enqueue_many, running stage", running, enqueue_many),
     Case("stage.enqueue_many", pending, enqueue_many),
     Case("stage.enqueue_at", pending, enqueue_at),
     Case("stage.enqueue_in, running stage", running, enqueue_in),

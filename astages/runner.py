@@ -6,7 +6,7 @@ cannot help, a watched transaction is never retried), a failed heartbeat or a jo
 that died on a connection error is re-raised, and the worker exits. The plain ``arq``
 command therefore needs a process supervisor to restart it.
 
-``HardenedWorker`` is arq's ``Worker`` with three changes and nothing else:
+``HardenedWorker`` is arq's ``Worker`` with four changes and nothing else:
 
 - a poll iteration that fails on a connection error is logged and retried after an
   exponential backoff with jitter (0.1 s doubling up to 5 s), until Redis answers again;
@@ -16,39 +16,60 @@ command therefore needs a process supervisor to restart it.
   reading it back tells whether to run the job here (arq would skip it and leave the
   mark: the job would wait for it to expire, the longest timeout + 10 s). A job is never
   lost, and never run twice at the same time;
-- a job task that died on a Redis error is logged instead of re-raised into the loop.
+- arq's bookkeeping after a job (its result written, its in-progress mark deleted, the
+  job taken off the queue or re-scored for a retry) that fails on a dropped connection
+  is done again, with backoff, once Redis answers: only when it did not take effect
+  (read back under WATCH: the queue entry and this run's in-progress mark tell), so it
+  acts once, and a finished job does not run again when its mark expires;
+- a job task that died on a lost connection is logged instead of re-raised into the loop.
+
+Only connectivity loss is survived. Any other error does what it does in arq: a job task
+that died on it (a hook that raised, say) is re-raised into the loop and stops the
+worker, and so does an authentication, authorization, permission or TLS error (redis-py
+reports a wrong password as a ``ConnectionError`` and a TLS failure as one caused by an
+``ssl.SSLError``: retrying cannot fix either). arq's pool (``ctx['redis']`` in a job)
+keeps the user's settings: no retry policy is added to it, so a job's own command whose
+reply was lost is not sent a second time.
 
 ``reconnecting(settings)`` gives a ``RedisSettings`` a reconnect-and-retry policy unless
-the user set one (``astages.worker_settings`` applies it too, so the plain ``arq``
-command gets it): a command that fails on a dropped connection reconnects and is sent
-again. Every astages script a worker runs (start, report, settle, send on) is safe to
-repeat: idempotent per job and try.
+the user set one, and ``reconnecting_client(redis)`` a client of the same server with
+that policy on a pool of its own: a command that fails on a dropped connection
+reconnects and is sent again. ``astages.worker_settings`` makes astages' own calls
+(start, report, settle, sweep, a callback's summary) through such a client; every
+astages script a worker runs is safe to repeat: idempotent per job and try.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import itertools
 import logging
 import logging.config
 import os
 import random
+import ssl
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
+from arq.connections import ArqRedis, RedisSettings
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.logs import default_log_config
 from arq.utils import import_string, timestamp_ms
 from arq.worker import Worker, check_health, get_kwargs
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import EqualJitterBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["HardenedWorker", "create_worker", "reconnecting", "run_worker"]
+__all__ = ["HardenedWorker", "create_worker", "reconnecting", "reconnecting_client", "run_worker", "transient"]
 
 logger = logging.getLogger("astages.runner")
 
@@ -62,10 +83,25 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 # ... and every Redis error: what may fail in the middle of taking a job.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, RedisError)
+# What a job task (arq's code around the job, the user's hooks) may die on when Redis is
+# unreachable; anything else it dies on stops the worker, as in arq.
+TASK_TRANSIENT: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, WatchError)
+# Never transient, whatever they are wrapped in: retrying cannot fix a credential, a
+# permission or a TLS set-up.
+FATAL: tuple[type[BaseException], ...] = (AuthenticationError, AuthorizationError, PermissionError)
+# TLS errors that mean the connection was cut, not that TLS is set up wrong.
+TLS_DROPPED: tuple[type[BaseException], ...] = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 # The pool's policy: up to 10 tries per command, 25 ms doubling to 1 s between them.
 POOL_RETRIES = 10
+
+
+def _policy(errors: list[type[Exception]] | None) -> tuple[Retry, list[type[Exception]]]:
+    """The reconnect-and-retry policy, and the errors it retries (added to ``errors``)."""
+    retried: list[type[Exception]] = list(errors or [])
+    retried += [e for e in (RedisConnectionError, RedisTimeoutError) if e not in retried]
+    return Retry(EqualJitterBackoff(cap=1.0, base=0.025), POOL_RETRIES), retried
 
 
 def reconnecting(settings: RedisSettings | None = None) -> RedisSettings:
@@ -73,33 +109,96 @@ def reconnecting(settings: RedisSettings | None = None) -> RedisSettings:
     settings = settings or RedisSettings()
     if settings.retry is not None:
         return settings
-    errors: list[type[Exception]] = list(settings.retry_on_error or [])
-    errors += [e for e in (RedisConnectionError, RedisTimeoutError) if e not in errors]
-    return dataclasses.replace(
-        settings,
-        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.025), POOL_RETRIES),
-        retry_on_error=errors,
+    retry, errors = _policy(settings.retry_on_error)
+    return dataclasses.replace(settings, retry=retry, retry_on_error=errors)
+
+
+def reconnecting_client(redis: ArqRedis) -> ArqRedis:
+    """A client of the same server, database and credentials as ``redis`` (any connection
+    class, TLS and Sentinel included), on a pool of its own, with the reconnect-and-retry
+    policy unless ``redis`` has one. ``redis`` is left as it is. Nothing is sent until it is
+    used; close it with ``aclose(close_connection_pool=True)``."""
+    pool = redis.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
+    if kwargs.get("retry") is None:
+        kwargs["retry"], kwargs["retry_on_error"] = _policy(kwargs.get("retry_on_error"))
+    twin: ConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
+        twin = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            pool.service_name,
+            pool.sentinel_manager,
+            is_master=pool.is_master,
+            check_connection=pool.check_connection,
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            **kwargs,
+        )
+    else:
+        twin = type(pool)(connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs)
+    return ArqRedis(
+        connection_pool=twin,
+        job_serializer=redis.job_serializer,
+        job_deserializer=redis.job_deserializer,
+        default_queue_name=redis.default_queue_name,
+        expires_extra_ms=redis.expires_extra_ms,
     )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from or while handling."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def transient(exc: BaseException, kinds: tuple[type[BaseException], ...] = TRANSIENT) -> bool:
+    """Whether ``exc`` (one of ``kinds``) means Redis is unreachable for now, so waiting
+    and trying again may help. An authentication, authorization, permission or TLS error
+    is never transient, even wrapped in a ``ConnectionError`` (as redis-py reports them)."""
+    if not isinstance(exc, kinds):
+        return False
+    for error in _chain(exc):
+        if isinstance(error, FATAL):
+            return False
+        if isinstance(error, ssl.SSLError) and not isinstance(error, TLS_DROPPED):
+            return False
+    return True
+
+
+def _delay(failures: int) -> float:
+    """Exponential backoff with jitter: 0.1 s doubling up to 5 s, times 0.5 to 1."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(failures - 1, 16)) * random.uniform(0.5, 1.0)
+
+
+# The run a job task belongs to: (its in-progress mark, its score when taken). Set in the
+# context each job task is created with, so that arq's bookkeeping, called inside the
+# task, can tell whether a write whose reply was lost took effect.
+_RUN: contextvars.ContextVar[tuple[bytes, float]] = contextvars.ContextVar("astages_run")
 
 
 class HardenedWorker(Worker):
     """arq's Worker, kept running through dropped Redis connections (see the module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("redis_pool") is None:
-            kwargs["redis_settings"] = reconnecting(kwargs.get("redis_settings"))
         super().__init__(*args, **kwargs)
         self.redis_failures = 0
-        # the value of this worker's in-progress marks (arq writes b"1" and reads none)
+        # the prefix of this worker's in-progress marks (arq writes b"1" and reads none);
+        # each claim adds a number, so a mark names one run of one job
         self.token = f"astages:{uuid.uuid4().hex}".encode()
+        self._claims = itertools.count(1)
 
     async def _poll_iteration(self) -> None:
         self._reap_failed_tasks()
         try:
             await super()._poll_iteration()
-        except TRANSIENT as e:
+        except Exception as e:
+            if not transient(e):
+                raise  # as in arq: the worker stops with it
             self.redis_failures += 1
-            delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.redis_failures - 1)) * random.uniform(0.5, 1.0)
+            delay = _delay(self.redis_failures)
             logger.warning(
                 "redis error in the poll loop (%s: %s); retrying in %.2fs (failure %d)",
                 type(e).__name__,
@@ -114,13 +213,15 @@ class HardenedWorker(Worker):
                 self.redis_failures = 0
 
     def _reap_failed_tasks(self) -> None:
-        """Log (arq would re-raise) job tasks that died on an error of their own."""
+        """Log (arq would re-raise) job tasks that died on a lost connection. A task that
+        died on anything else is left for arq's loop, which re-raises it: the worker stops."""
         for job_id, task in list(self.tasks.items()):
-            if task.done() and not task.cancelled() and task.exception() is not None:
+            if not task.done() or task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is not None and transient(exc, TASK_TRANSIENT):
                 del self.tasks[job_id]
-                exc = task.exception()
-                level = logging.WARNING if isinstance(exc, REDIS_FAILURES) else logging.ERROR
-                logger.log(level, "job %s ended on an error outside the job (%s: %s)", job_id, type(exc).__name__, exc)
+                logger.warning("job %s: its task ended on a lost connection (%s: %s)", job_id, type(exc).__name__, exc)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's start_jobs, with the slot given back on a Redis error and the job's
@@ -135,23 +236,28 @@ class HardenedWorker(Worker):
             self.job_counter += 1
             job_id = job_id_b.decode()
             try:
-                score = await self._claim(job_id)
+                claim = await self._claim(job_id)
             except REDIS_FAILURES:
                 self.job_counter -= 1
                 self.sem.release()
                 raise
-            if score is None:
+            if claim is None:
                 self.job_counter -= 1
                 self.sem.release()
                 continue
-            task = self.loop.create_task(self.run_job(job_id, score))
+            mark, score = claim
+            run = contextvars.copy_context()
+            run.run(_RUN.set, (mark, score))
+            task = self.loop.create_task(self.run_job(job_id, int(score)), context=run)
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
-    async def _claim(self, job_id: str) -> int | None:
-        """Mark the job in progress (as arq does, but with this worker's token); its score
-        when this worker may run it, None when it runs elsewhere or is not due."""
+    async def _claim(self, job_id: str) -> tuple[bytes, float] | None:
+        """Mark the job in progress (as arq does, but with a mark of this run's own); the
+        mark and the job's score when this worker may run it, None when it runs elsewhere
+        or is not due."""
         key = in_progress_key_prefix + job_id
+        mark = b"%s:%d" % (self.token, next(self._claims))
         async with self.pool.pipeline(transaction=True) as pipe:
             await pipe.watch(key)  # a failure up to MULTI wrote nothing: it propagates
             ongoing = await pipe.exists(key)
@@ -159,17 +265,140 @@ class HardenedWorker(Worker):
             if ongoing or not score or score > timestamp_ms():
                 return None
             pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.psetex(key, int(self.in_progress_timeout_s * 1000), self.token)
+            pipe.psetex(key, int(self.in_progress_timeout_s * 1000), mark)
             try:
                 await pipe.execute()
             except (ResponseError, WatchError, RedisConnectionError, RedisTimeoutError):
                 # WatchError also stands for a connection dropped during EXEC: the mark
                 # may have been written. Whose is it? (A failure here propagates; the mark,
                 # if ours, then expires and the job runs again, as after a crash.)
-                if await self.pool.get(key) != self.token:
+                if await self.pool.get(key) != mark:
                     return None
                 logger.info("job %s: claimed despite a Redis error while claiming it", job_id)
-        return int(score)
+        return mark, float(score)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's bookkeeping after a run, done again after a dropped connection if it did not
+        take effect (see ``_again``)."""
+
+        def writes(pipe: Pipeline) -> None:
+            mark_key = in_progress_key_prefix + job_id
+            if keep_in_progress is None:
+                pipe.delete(mark_key)
+            else:
+                pipe.pexpire(mark_key, int(keep_in_progress * 1000))
+            if finish:
+                if result_data:
+                    px = None if keep_result_forever or result_timeout_s is None else int(result_timeout_s * 1000)
+                    pipe.set(result_key_prefix + job_id, result_data, px=px)
+                pipe.delete(retry_key_prefix + job_id, job_key_prefix + job_id)
+                pipe.zrem(abort_jobs_ss, job_id)
+                pipe.zrem(self.queue_name, job_id)
+            elif incr_score:
+                pipe.zincrby(self.queue_name, incr_score, job_id)
+
+        def applied(mark: bytes | None, queued: float | None, score: float | None) -> bool:
+            if finish:
+                return queued is None  # it leaves the queue
+            if incr_score:
+                return score is None or queued != score  # it moves in the queue
+            return keep_in_progress is None and mark is None  # only its mark goes
+
+        first = super().finish_job(
+            job_id, finish, result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress
+        )
+        await self._bookkeep(job_id, first, writes, applied)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq's bookkeeping for a job that failed without running (expired, unknown,
+        retries exhausted, ...), done again after a dropped connection (see ``_again``)."""
+
+        def writes(pipe: Pipeline) -> None:
+            pipe.delete(retry_key_prefix + job_id, in_progress_key_prefix + job_id, job_key_prefix + job_id)
+            pipe.zrem(abort_jobs_ss, job_id)
+            pipe.zrem(self.queue_name, job_id)
+            if result_data is not None and (self.keep_result_forever or self.keep_result_s > 0):
+                px = None if self.keep_result_forever else int(self.keep_result_s * 1000)
+                pipe.set(result_key_prefix + job_id, result_data, px=px)
+
+        def applied(mark: bytes | None, queued: float | None, score: float | None) -> bool:
+            return queued is None
+
+        await self._bookkeep(job_id, super().finish_failed_job(job_id, result_data), writes, applied)
+
+    async def _bookkeep(
+        self,
+        job_id: str,
+        first: Awaitable[None],
+        writes: Callable[[Pipeline], None],
+        applied: Callable[[bytes | None, float | None, float | None], bool],
+    ) -> None:
+        """Await arq's own bookkeeping (``first``); when it fails on a lost connection, do
+        it again (``_again``) until Redis answers."""
+        try:
+            await first
+            return
+        except Exception as e:
+            if not transient(e):
+                raise
+            error: Exception = e
+        for failures in itertools.count(1):
+            delay = _delay(failures)
+            logger.warning(
+                "job %s: arq's bookkeeping failed on a lost connection (%s: %s); again in %.2fs",
+                job_id,
+                type(error).__name__,
+                error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            try:
+                await self._again(job_id, writes, applied)
+                return
+            except Exception as e:
+                if not transient(e):
+                    raise
+                error = e
+
+    async def _again(
+        self,
+        job_id: str,
+        writes: Callable[[Pipeline], None],
+        applied: Callable[[bytes | None, float | None, float | None], bool],
+    ) -> None:
+        """The bookkeeping's ``writes``, unless the attempt whose reply was lost took effect.
+
+        Read under WATCH of the job's in-progress mark: a mark of another run means the job
+        was taken again (the earlier attempt took effect, or the mark expired) and is not
+        this run's to write; otherwise ``applied`` decides from the mark and the job's
+        queue entry. A run taken again meanwhile changes the mark: the write is then
+        refused (WatchError, transient: decided again after the backoff)."""
+        mark_key = in_progress_key_prefix + job_id
+        run = _RUN.get(None)
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(mark_key)
+            mark = await pipe.get(mark_key)
+            queued = await pipe.zscore(self.queue_name, job_id)
+            ours = mark is None or (mark == run[0] if run is not None else mark.startswith(self.token))
+            if not ours:
+                logger.info("job %s: taken again since; its bookkeeping is the new run's", job_id)
+                return
+            if applied(mark, queued, None if run is None else run[1]):
+                logger.info("job %s: arq's bookkeeping had taken effect", job_id)
+                return
+            pipe.multi()  # type: ignore[no-untyped-call]
+            writes(pipe)
+            await pipe.execute()
+        logger.info("job %s: arq's bookkeeping done after a lost connection", job_id)
 
 
 def create_worker(settings: Any, **overrides: Any) -> HardenedWorker:

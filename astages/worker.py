@@ -13,6 +13,13 @@ settings (``arq app.WorkerSettings``, ``Worker(**settings)``). Each function is 
 
 No hook ever raises into arq (an exception in a hook stops arq's worker loop): errors
 are logged, and the sweeper finishes what a hook could not.
+
+astages' own calls (start, report, settle, the sweeper, a callback's summary) go through
+a client of astages' own, made at worker start-up from arq's pool (same server,
+database, credentials) with a reconnect-and-retry policy (``reconnecting_client``): each
+is an idempotent script or a read, so sending it again after a lost reply is safe. arq's
+pool, which a job gets as ``ctx['redis']``, keeps what the user configured: astages adds
+no retry policy to it, so a job's own command is never sent twice behind its back.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from astages._scripts import Store, text
 from astages.exceptions import CorruptRecord, JobNotRun, RetriesExhausted
 from astages.job import CTX_JOB, StagedJob
 from astages.models import GroupSummary
-from astages.runner import reconnecting
+from astages.runner import reconnecting_client
 from astages.sweeper import DEFAULT_GRACE, DEFAULT_INTERVAL, Sweeper
 
 __all__ = ["worker_settings"]
@@ -54,6 +61,8 @@ CTX_OUTCOME = "astages_outcome"
 CTX_MAX_TRIES = "astages_max_tries"
 # worker ctx key of the background sweeper task
 CTX_SWEEPER = "astages_sweeper"
+# worker ctx key of astages' own client (with the retry policy arq's pool does not get)
+CTX_REDIS = "astages_redis"
 
 ARQ_DEFAULT_MAX_TRIES = 5
 ERROR_LIMIT = 4_000
@@ -65,6 +74,12 @@ def describe_error(exc: BaseException) -> str:
     tail = "".join(traceback.format_exception(exc)[-3:])
     full = head if not tail else f"{head}\n{tail}"
     return full[:ERROR_LIMIT]
+
+
+def _own(ctx: dict[str, Any]) -> Any:
+    """astages' own client in a worker's ctx (arq's pool when there is none: a ctx made
+    outside a worker started with these settings)."""
+    return ctx.get(CTX_REDIS) or ctx["redis"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +129,7 @@ def _wrap(function: Function, runtime: _Runtime) -> Function:
 
 async def _callback_summary(ctx: dict[str, Any], callback: CallbackRef, runtime: _Runtime) -> GroupSummary:
     """The summary a group callback receives (written by the script that fired it)."""
-    raw = await ctx["redis"].get(runtime.keys.summary(callback.group_id, callback.event))
+    raw = await _own(ctx).get(runtime.keys.summary(callback.group_id, callback.event))
     if raw is None:
         raise CorruptRecord(
             runtime.keys.summary(callback.group_id, callback.event),
@@ -133,7 +148,7 @@ async def _run_staged(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    store = Store(ctx["redis"], runtime.keys)
+    store = Store(_own(ctx), runtime.keys)
     job_try = int(ctx["job_try"])
     ctx[CTX_REF] = ref
     ctx[CTX_MAX_TRIES] = max_tries
@@ -184,7 +199,7 @@ async def _settle(ctx: dict[str, Any], runtime: _Runtime) -> None:
     ref: JobRef | None = ctx.get(CTX_REF)
     if ref is None or ctx.get(CTX_REPORTED):
         return
-    store = Store(ctx["redis"], runtime.keys)
+    store = Store(_own(ctx), runtime.keys)
     job_id = ctx["job_id"]
     job_try = int(ctx["job_try"])
     pending = ctx.get(CTX_OUTCOME)
@@ -243,15 +258,17 @@ def _guard(name: str, hook: Hook | None, before: Callable[[dict[str, Any]], Awai
 
 
 def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: float) -> Hook:
-    """The user's on_startup, then the sweeper started in the background."""
+    """astages' own client made (no round trip), the user's on_startup, then the sweeper
+    started in the background."""
 
     async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx[CTX_REDIS] = reconnecting_client(ctx["redis"])
         if hook is not None:
             await hook(ctx)  # the user's own start-up failing stops the worker, as in arq
         if not interval:
             return
         try:
-            sweeper = Sweeper(ctx["redis"], prefix=prefix, grace=grace)
+            sweeper = Sweeper(ctx[CTX_REDIS], prefix=prefix, grace=grace)
             ctx[CTX_SWEEPER] = asyncio.get_running_loop().create_task(sweeper.run(interval), name="astages-sweeper")
         except Exception:
             logger.exception("could not start the astages sweeper; jobs still run")
@@ -261,7 +278,7 @@ def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: floa
 
 
 def _shutdown(hook: Hook | None) -> Hook:
-    """The sweeper stopped, then the user's on_shutdown."""
+    """The sweeper stopped, the user's on_shutdown, then astages' own client closed."""
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         task: asyncio.Task[None] | None = ctx.pop(CTX_SWEEPER, None)
@@ -269,8 +286,13 @@ def _shutdown(hook: Hook | None) -> Hook:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if hook is not None:
-            await hook(ctx)
+        try:
+            if hook is not None:
+                await hook(ctx)
+        finally:
+            own = ctx.pop(CTX_REDIS, None)
+            if own is not None:
+                await own.aclose(close_connection_pool=True)
 
     on_shutdown.__name__ = "astages_on_shutdown"
     return on_shutdown
@@ -291,8 +313,10 @@ def worker_settings(
     run (errors in the job hooks are logged rather than stopping the worker). ``prefix``
     must match the one groups were made with. The worker sweeps (see
     ``astages.sweeper``) about every ``sweep_interval`` seconds between all workers of
-    one Redis (None or 0: never). ``redis_settings`` get a reconnect-and-retry policy
-    unless they have one (see ``astages.runner.reconnecting``)."""
+    one Redis (None or 0: never). ``redis_settings`` (or ``redis_pool``) are arq's, as
+    given: astages' own calls go through a client of their own with a reconnect-and-retry
+    policy (see ``astages.runner.reconnecting_client``), made in ``on_startup`` and closed
+    in ``on_shutdown``."""
     runtime = _Runtime(
         keys=Keys(prefix),
         max_tries=int(settings.get("max_tries", ARQ_DEFAULT_MAX_TRIES)),
@@ -309,6 +333,4 @@ def worker_settings(
     )
     out["on_startup"] = _startup(settings.get("on_startup"), prefix, sweep_interval, sweep_grace)
     out["on_shutdown"] = _shutdown(settings.get("on_shutdown"))
-    if settings.get("redis_pool") is None:
-        out["redis_settings"] = reconnecting(settings.get("redis_settings"))
     return out

@@ -21,10 +21,11 @@ import uuid
 from typing import Any
 
 from arq import Retry
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 
 import astages
 from astages._scripts import Motion, Store
+from astages.runner import reconnecting_client
 
 LOG = "chaos:log"
 FINISHED = "chaos:finished"
@@ -46,9 +47,17 @@ if os.environ.get("CHAOS_WORKER"):  # in the worker processes only
     Store.move = _recording_move  # type: ignore[method-assign]
 
 
+# The records go through a client that re-sends a command whose reply was lost (the
+# nonce makes a record written twice count once): ctx['redis'] is arq's pool as
+# configured, which, as in arq, does not.
+_LOG_REDIS: list[ArqRedis] = []
+
+
 async def _log(ctx: dict[str, Any], what: str, tag: str) -> None:
     record = f"{what} {tag} {time.time():.6f} {ctx['job_try']} {os.getpid()} {ctx['job_id']} {uuid.uuid4().hex}"
-    await ctx["redis"].rpush(LOG, record)
+    if not _LOG_REDIS:
+        _LOG_REDIS.append(reconnecting_client(ctx["redis"]))
+    await _LOG_REDIS[0].rpush(LOG, record)
 
 
 async def step(ctx: dict[str, Any], tag: str, kind: str, retries: int = 0) -> str:

@@ -114,17 +114,30 @@ local group_pttl = nil
 local function follow_ttl(...)
   if group_pttl == nil then group_pttl = redis.call('PTTL', G) end
   if group_pttl > 0 then
-    for _, k in ipairs({...}) do redis.call('PEXPIRE', k, group_pttl) end
+    for _, k in ipairs({...}) do redis.call('PEXPIRE', k, int(group_pttl)) end
   end
 end
 
 local events_cap = nil
+-- Caps on a group's own numbers as scripts use them (a stored value past them, planted or
+-- from another version, is taken as the cap: Redis refuses some of them outright).
+local MAX_EVENTS = 1e12
+local MAX_KEEP_S = MAX_DELAY_MS / 1000
+
+-- The group's keep_for in seconds (0: not kept), at most 100 years.
+local function keep_for()
+  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+  if keep ~= keep or keep < 0 then return 0 end  -- NaN or negative: not kept
+  return math.min(math.ceil(keep), MAX_KEEP_S)
+end
 
 -- Append a transition to the group's capped event stream (fields: a flat list).
 local function event(fields)
-  if events_cap == nil then events_cap = tonumber(redis.call('HGET', G, 'events') or '0') or 0 end
+  if events_cap == nil then
+    events_cap = math.min(tonumber(redis.call('HGET', G, 'events') or '0') or 0, MAX_EVENTS)
+  end
   if events_cap > 0 then
-    redis.call('XADD', G .. ':events', 'MAXLEN', '~', events_cap, '*', unpack(fields))
+    redis.call('XADD', G .. ':events', 'MAXLEN', '~', int(events_cap), '*', unpack(fields))
     follow_ttl(G .. ':events')
   end
 end
@@ -234,9 +247,9 @@ end
 
 -- Keep the summary callbacks of event ev receive beside the group: a day, or keep_for.
 local function keep_summary(ev, text)
-  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+  local keep = keep_for()
   if keep < SUMMARY_TTL then keep = SUMMARY_TTL end
-  redis.call('SET', G .. ':summary:' .. ev, text, 'EX', keep)
+  redis.call('SET', G .. ':summary:' .. ev, text, 'EX', int(keep))
 end
 
 -- Enqueue every callback registered for event ev, once (the caller's transition is
@@ -408,7 +421,7 @@ local function finish_group(now, outcome)
   fire('complete', outcome, now, nil, text)
   if outcome == 'complete' and failed == 0 then fire('success', outcome, now, nil, text) end
   redis.call('PUBLISH', IDBASE .. 'finished', text)
-  local keep = tonumber(redis.call('HGET', G, 'keep_for') or '0') or 0
+  local keep = keep_for()
   if keep > 0 then
     local gid = string.match(G, '{(.*)}')
     redis.call('HSET', G, 'status', outcome, 'finished', now, 'summary', text)
@@ -420,7 +433,7 @@ local function finish_group(now, outcome)
         keys[#keys + 1] = k
       end
     end
-    for _, k in ipairs(keys) do redis.call('EXPIRE', k, keep) end
+    for _, k in ipairs(keys) do redis.call('EXPIRE', k, int(keep)) end
     return
   end
   drop_group()

@@ -408,3 +408,21 @@ async def test_scripts_refuse_an_unusable_spec_before_any_write(real_redis):
                 raise_code(reply, group.id, None)
     assert {k: await real_redis.dump(k) for k in await real_redis.keys(pattern)} == before
     assert await stage.num_jobs() == 1
+
+
+@pytest.mark.parametrize("options", [{"keep_for": 1e17}, {"events": 10**20}, {"ttl": 1e14}], ids=str)
+async def test_huge_group_options_never_stop_a_script_half_way(real_redis, options):
+    """A group whose keep_for, events cap or ttl is far past any use still ends, each callback firing once."""
+    async with astages.within_a_grouping(real_redis, "huge", **options) as group:
+        s1 = await group.stage(1)
+        await s1.enqueue(work, "a")
+        await s1.on_complete(note, "stage1")
+        await group.on_complete(note, "complete")
+    await run_burst(real_redis, [work, note])
+    assert sorted(CALLS) == ["complete", "stage1"]
+    assert OUTCOMES == {"a": "ran"}
+    if "keep_for" in options:
+        assert await group.status() is GroupStatus.COMPLETE
+        assert 0 < await real_redis.ttl(group.store.keys.group(group.id)) <= 100 * 366 * 86400
+    else:
+        assert not await group.exists()

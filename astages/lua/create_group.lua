@@ -4,9 +4,12 @@
 -- by then expires (see follow_ttl).
 -- Returns 1, or 0 when a group with this id exists already.
 if redis.call('EXISTS', G) == 1 then return 0 end
+-- checked before any write: a deadline past the year 3000 is none Redis could refuse
+local deadline = tonumber(ARGV[12] or '')
+if deadline and deadline > MAX_TIME_MS then deadline = MAX_TIME_MS end
 redis.call('HSET', G, 'description', ARGV[6], 'created', ARGV[7], 'status', 'pending',
   'keep_for', ARGV[8] or 0, 'events', ARGV[9] or 0, 'max_failed', ARGV[10] or -1,
   'max_ratio', ARGV[11] or -1, 'cbseq', 0)
 redis.call('ZADD', INDEX, ARGV[7], string.match(G, '{(.*)}'))
-if ARGV[12] and ARGV[12] ~= '' then redis.call('PEXPIREAT', G, ARGV[12]) end
+if deadline then redis.call('PEXPIREAT', G, int(deadline)) end
 return 1

@@ -410,7 +410,7 @@ async def test_scripts_refuse_an_unusable_spec_before_any_write(real_redis):
     assert await stage.num_jobs() == 1
 
 
-@pytest.mark.parametrize("options", [{"keep_for": 1e17}, {"events": 10**20}, {"ttl": 1e14}], ids=str)
+@pytest.mark.parametrize("options", [{"keep_for": 1e17}, {"events": 10**20}, {"ttl": 1e14}, {"ttl": 1e20}], ids=str)
 async def test_huge_group_options_never_stop_a_script_half_way(real_redis, options):
     """A group whose keep_for, events cap or ttl is far past any use still ends, each callback firing once."""
     async with astages.within_a_grouping(real_redis, "huge", **options) as group:

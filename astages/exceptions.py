@@ -5,11 +5,14 @@ AstagesError
 ├── StageNotFound          the stage does not exist in its group (or was deleted)
 ├── JobNotFound            the staged job does not exist (or was deleted)
 ├── GroupFinished          the group ended (it was kept with keep_for) and takes no changes
-├── StageComplete          a complete (or cancelled) stage takes no new jobs
+├── StageComplete          a complete (or cancelled) stage takes no new jobs, callbacks,
+│                          cancel or start
 ├── JobNotPending          the job cannot be sent to arq in its current status
 ├── StageNotRunning        a job of a stage that has not started cannot be sent
 ├── InvalidStageNumber     a stage number that is not an int
+├── InvalidStageName       a stage name that is not a short, non-empty str
 ├── InvalidJobFunction     neither a function name nor a coroutine function
+│   └── InvalidJobOption   an arq option astages sets itself (_job_id)
 ├── InvalidStatusMessage   a status message that is not a str, or too long
 ├── InvalidQueue           a queue name astages cannot store
 ├── InvalidSchedule        a time or delay that is not one
@@ -29,8 +32,10 @@ __all__ = [
     "GroupFinished",
     "GroupNotFound",
     "InvalidJobFunction",
+    "InvalidJobOption",
     "InvalidQueue",
     "InvalidSchedule",
+    "InvalidStageName",
     "InvalidStageNumber",
     "InvalidStatusMessage",
     "JobNotFound",
@@ -93,14 +98,22 @@ class GroupFinished(AstagesError):
 
 
 class StageComplete(AstagesError):
-    def __init__(self, group_id: str, number: int, status: str = "complete") -> None:
+    """The stage has ended (``status``: complete or cancelled); ``attempted`` is what was
+    refused: ``"enqueue"`` (new jobs or callbacks), ``"cancel"`` or ``"initiate"``."""
+
+    def __init__(self, group_id: str, number: int, status: str = "complete", attempted: str = "enqueue") -> None:
         self.group_id = group_id
         self.number = number
         self.status = status
-        super().__init__(
-            f"stage {number} of group {group_id!r} is {status} and takes no new jobs or callbacks; "
-            "use a later stage instead"
-        )
+        self.attempted = attempted
+        stage = f"stage {number} of group {group_id!r}"
+        if attempted == "cancel":
+            text = f"{stage} is {status} already: there is nothing left to cancel"
+        elif attempted == "initiate":
+            text = f"{stage} is {status} and cannot be started again; put new work in a later stage"
+        else:
+            text = f"{stage} is {status} and takes no new jobs or callbacks; use a later stage instead"
+        super().__init__(text)
 
 
 class JobNotPending(AstagesError):
@@ -123,6 +136,33 @@ class InvalidJobFunction(AstagesError, TypeError):
             f"a job function must be a function name (str), an async def function or an "
             f"arq.func(...) object, not {type(function).__name__} ({function!r})"
         )
+
+
+class InvalidJobOption(InvalidJobFunction):
+    """An arq enqueue option astages sets itself for staged jobs (``_job_id``)."""
+
+    def __init__(self, option: str) -> None:
+        self.function = None
+        self.option = option
+        Exception.__init__(
+            self,
+            f"{option}= is not accepted for a staged job: astages chooses the arq job id of every job it "
+            "stages (the returned job's .id tells it); to choose an id yourself, enqueue a plain arq job "
+            "with redis.enqueue_job",
+        )
+
+
+class InvalidStageName(AstagesError, ValueError):
+    def __init__(self, name: object, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        if not isinstance(name, str):
+            text = f"a stage name must be a str (or None for no name), not {type(name).__name__} ({name!r})"
+        elif not name.strip():
+            text = "a stage name must not be empty (give None for a stage without a name)"
+        else:
+            text = f"a stage name is limited to {limit} characters, this one has {len(name)}"
+        super().__init__(text)
 
 
 class InvalidStatusMessage(AstagesError, ValueError):

@@ -26,7 +26,7 @@ from astages.models import (
     ms_to_datetime,
     now_ms,
 )
-from astages.stage import RECORD_BATCH, JobFunction, StagedGroupStage, make_spec
+from astages.stage import RECORD_BATCH, JobFunction, StagedGroupStage, make_spec, refuse_job_id
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
@@ -153,12 +153,20 @@ class StagedGroup:
 
     @classmethod
     async def list(
-        cls, redis: ArqRedis, offset: int = 0, limit: int | None = None, *, prefix: str = DEFAULT_PREFIX
+        cls,
+        redis: ArqRedis,
+        offset: int = 0,
+        limit: int | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        newest_first: bool = False,
     ) -> builtins.list[StagedGroup]:
-        """Live groups, oldest first (a page of them when ``offset``/``limit`` are given)."""
+        """Live groups, oldest first, or newest first with ``newest_first=True`` (a page
+        of them when ``offset``/``limit`` are given)."""
         store = Store(redis, Keys(prefix))
         stop = -1 if limit is None else offset + limit - 1
-        ids = [text(i) for i in await store.redis.zrange(store.keys.index, offset, stop)]
+        read = store.redis.zrevrange if newest_first else store.redis.zrange
+        ids = [text(i) for i in await read(store.keys.index, offset, stop)]
         if not ids:
             return []
         async with store.redis.pipeline(transaction=False) as pipe:
@@ -201,16 +209,27 @@ class StagedGroup:
         await self.store.flush()
         return [int(n) for n in await self.redis.zrange(self.store.keys.stages(self.id), 0, -1)]
 
-    async def stage(self, number: int) -> StagedGroupStage:
-        """Stage ``number``, created (pending, empty) when the group has none by that number."""
-        number = _check_number(number)
-        reply = await self.store.run("ensure_stage", self.id, number)
-        raise_code(reply, self.id, number)
-        return StagedGroupStage(self, number)
+    def stage(self, number: int, *, name: str | None = None) -> StagedGroupStage:
+        """Stage ``number``: a handle used as it is, ``await group.stage(2).enqueue(...)``.
+
+        Writing through it (``enqueue*``, ``on_complete``, ``set_failure_policy``,
+        ``initiate``) creates the stage (pending, empty) when the group has none by that
+        number; reading through it (``status``, ``progress``, ``info``, ``jobs``,
+        ``num_jobs``, ``exists``) never creates anything (StageNotFound), nor do
+        ``cancel`` and ``delete``. ``await group.stage(n)`` creates it at once, as before,
+        and returns a look-up handle (see ``get_stage``).
+
+        ``name``: an optional label (a str of 1 to 100 characters) shown by ``info()``,
+        summaries, events, the CLI and the dashboard. A stage gets it when a call through
+        this handle creates it or writes to it, and an existing stage with another name is
+        renamed; ``None`` leaves the name as it is. Raises InvalidStageNumber or
+        InvalidStageName at once; GroupNotFound and the like come from the call made."""
+        return StagedGroupStage(self, _check_number(number), name=name, creates=True)
 
     async def get_stage(self, number: int) -> StagedGroupStage:
         """Stage ``number`` if it exists (StageNotFound otherwise); unlike ``stage()``
-        it never creates one."""
+        it never creates one, and neither does the handle it returns (nor does any handle
+        from ``stages()``, ``current_stage()``, ``last_stage()`` or ``job.stage()``)."""
         await self.store.flush()
         number = _check_number(number)
         if await self.redis.zscore(self.store.keys.stages(self.id), number) is None:
@@ -276,6 +295,7 @@ class StagedGroup:
         raise_code(reply, self.id, None)
 
     async def _callback(self, event: str, function: JobFunction, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        refuse_job_id(kwargs)
         spec, _ = make_spec(self.store, function, args, kwargs, Schedule())
         reply = await self.store.run("add_callback", self.id, event, spec)
         raise_code(reply, self.id, None)

@@ -206,7 +206,7 @@ class StageProgress:
 
 @dataclass(frozen=True, slots=True)
 class StageInfo:
-    """A stage at one moment: status, times and counts (one Redis read)."""
+    """A stage at one moment: status, times, counts and name (one Redis read)."""
 
     number: int
     status: StageStatus
@@ -214,6 +214,12 @@ class StageInfo:
     started: dt.datetime | None
     finished: dt.datetime | None
     progress: StageProgress
+    name: str | None = None  # the name it was given (group.stage(n, name=...)), if any
+
+    @property
+    def label(self) -> str:
+        """``stage 2`` or ``stage 2 (fetch)``: how the stage is shown."""
+        return f"stage {self.number}" + ("" if self.name is None else f" ({self.name})")
 
     @property
     def duration(self) -> dt.timedelta | None:
@@ -236,6 +242,7 @@ class StageInfo:
             started=when("started"),
             finished=when("finished"),
             progress=StageProgress.of(raw),
+            name=None if raw.get(b"name") is None else raw[b"name"].decode(errors="replace"),
         )
 
 
@@ -304,6 +311,12 @@ class StageSummary:
     retried: int
     started: dt.datetime | None
     finished: dt.datetime | None
+    name: str | None = None  # the stage's name, if it was given one
+
+    @property
+    def label(self) -> str:
+        """``stage 2`` or ``stage 2 (fetch)``: how the stage is shown."""
+        return f"stage {self.number}" + ("" if self.name is None else f" ({self.name})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +369,7 @@ class GroupSummary:
                     retried=int(s.get("retried", 0)),
                     started=when(s.get("started")),
                     finished=when(s.get("finished")),
+                    name=None if s.get("name") is None else str(s["name"]),
                 )
                 for s in (stages if isinstance(stages, list) else [])
             ),

@@ -5,15 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import math
 import secrets
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from arq.jobs import serialize_job
 from arq.worker import Function
 
 from astages._keys import JobRef
 from astages._scripts import Motion, Store, raise_code, text
-from astages.exceptions import InvalidJobFunction, InvalidQueue, InvalidSchedule, StageNotFound
+from astages.exceptions import (
+    GroupNotFound,
+    InvalidJobFunction,
+    InvalidJobOption,
+    InvalidQueue,
+    InvalidSchedule,
+    InvalidStageName,
+    StageComplete,
+    StageNotFound,
+)
 from astages.job import StagedJob
 from astages.models import (
     MAX_DELAY_MS,
@@ -32,7 +41,9 @@ from astages.models import (
 if TYPE_CHECKING:
     from astages.group import StagedGroup
 
-__all__ = ["JobCall", "StagedGroupStage", "function_name", "make_spec"]
+__all__ = ["NAME_LIMIT", "JobCall", "StagedGroupStage", "check_name", "function_name", "make_spec", "refuse_job_id"]
+
+T = TypeVar("T")
 
 # How many jobs one script call records (Lua's unpack() takes about 8,000 values).
 RECORD_BATCH = 2_000
@@ -141,18 +152,82 @@ def make_spec(
     return encode_spec(schedule, queue, payload), job
 
 
+# Longest stage name, in characters: a name is a label, not a description.
+NAME_LIMIT = 100
+
+
+def check_name(name: object) -> str | None:
+    """A stage name as given (None: no name), or InvalidStageName."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.strip() or len(name) > NAME_LIMIT:
+        raise InvalidStageName(name, NAME_LIMIT)
+    return name
+
+
+def refuse_job_id(kwargs: dict[str, Any]) -> None:
+    """``_job_id`` is astages' to choose for a staged job: a clear error before anything else."""
+    if "_job_id" in kwargs:
+        raise InvalidJobOption("_job_id")
+
+
 class StagedGroupStage:
     """A stage of a group. Its jobs all finish (retries included) before the group's next
-    stage starts. Get one with ``await group.stage(number)``."""
+    stage starts.
 
-    __slots__ = ("group", "number")
+    Which handles create the stage:
 
-    def __init__(self, group: StagedGroup, number: int) -> None:
+    - ``group.stage(n)`` (or ``group.stage(n, name="fetch")``) is used as it is, with no
+      await of its own: its writing calls (``enqueue*``, ``on_complete``,
+      ``set_failure_policy``, ``initiate``) make stage ``n`` when the group has none by
+      that number (in the same script call for ``enqueue*`` and ``on_complete``), and give
+      it the name when one is passed. Its reading calls (``exists``, ``status``,
+      ``progress``, ``info``, ``jobs``, ``num_jobs``) and ``cancel``/``delete`` never
+      create anything: a missing stage raises StageNotFound (``exists()`` is False,
+      ``num_jobs()`` 0, ``jobs()`` empty).
+    - ``await group.stage(n)`` makes (or names) the stage at once and returns a look-up
+      handle on it.
+    - A look-up handle (``await group.get_stage(n)``, ``await group.stage(n)``,
+      ``group.stages()``, ``job.stage()``, ``StagedGroupStage(group, n)``) never creates:
+      once its stage is deleted every call raises StageNotFound.
+    """
+
+    __slots__ = ("_creates", "group", "name", "number")
+
+    def __init__(self, group: StagedGroup, number: int, *, name: str | None = None, creates: bool = False) -> None:
         self.group = group
         self.number = number
+        self.name = check_name(name)  # the name this handle gives the stage, if any
+        self._creates = creates
 
     def __repr__(self) -> str:
-        return f"<StagedGroupStage {self.number} of {self.group.id}>"
+        named = "" if self.name is None else f" {self.name!r}"
+        return f"<StagedGroupStage {self.number}{named} of {self.group.id}>"
+
+    def __await__(self) -> Generator[Any, None, StagedGroupStage]:
+        """``await group.stage(n)``: the stage made (or named) now, as a look-up handle.
+        Awaiting a look-up handle checks that its stage exists (StageNotFound)."""
+        return self._resolve().__await__()
+
+    async def _resolve(self) -> StagedGroupStage:
+        if self._creates:
+            await self._make()
+            return StagedGroupStage(self.group, self.number, name=self.name)
+        if not await self.exists():
+            if not await self.group.exists():
+                raise GroupNotFound(self.group.id)
+            raise StageNotFound(self.group.id, self.number)
+        return self
+
+    async def _make(self) -> None:
+        """Make (or name) the stage: one ensure_stage call."""
+        reply = await self._store.run("ensure_stage", self.group.id, self.number, self.name or "")
+        raise_code(reply, self.group.id, self.number)
+
+    @property
+    def _make_arg(self) -> str:
+        """What enqueue.lua / add_callback.lua read as "make the stage when missing"."""
+        return "+" + (self.name or "") if self._creates else ""
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StagedGroupStage) and (other.group.id, other.number) == (self.group.id, self.number)
@@ -246,11 +321,14 @@ class StagedGroupStage:
     def _spec(
         self, function: JobFunction, args: Sequence[Any], kwargs: dict[str, Any], schedule: Schedule
     ) -> tuple[bytes, StagedJob]:
+        refuse_job_id(kwargs)
         return make_spec(self._store, function, args, kwargs, schedule)
 
     async def _record(self, batch: list[tuple[bytes, StagedJob]]) -> list[StagedJob]:
-        token = secrets.token_hex(8)  # makes a repeated call (lost reply, retried) harmless
-        reply = await self._store.run("enqueue", self.group.id, self.number, token, "", *(spec for spec, _ in batch))
+        # ARGV[7]: make the stage when missing ("+<name>", a creating handle), else a
+        # random token (not read; kept for a buffer's calls of an older version)
+        make = self._make_arg or secrets.token_hex(8)
+        reply = await self._store.run("enqueue", self.group.id, self.number, make, "", *(spec for spec, _ in batch))
         raise_code(reply, self.group.id, self.number)
         first = int(reply[0])
         for i, (_, job) in enumerate(batch):
@@ -263,7 +341,13 @@ class StagedGroupStage:
         spec, job = self._spec(function, args, kwargs, schedule)
         buffer = self._store.buffer
         if buffer is not None and buffer.group_id == self.group.id:  # inside within_a_grouping
-            seq = await buffer.seq(self._store, self.number)
+            try:
+                seq = await buffer.seq(self._store, self.number)
+            except StageNotFound:
+                if not self._creates:
+                    raise
+                await self._make()  # a creating handle's first job in the block
+                seq = await buffer.seq(self._store, self.number)
             job.ref = JobRef(self.group.id, self.number, seq)
             await buffer.add(self._store, self.number, seq, spec)
             return job
@@ -325,29 +409,60 @@ class StagedGroupStage:
 
     # -- actions --------------------------------------------------------------------
 
+    async def _made_first(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` (a script that needs the stage); a creating handle makes the stage
+        first when it is missing (one more round trip then), or names it first."""
+        if self._creates and self.name is not None:
+            await self._make()
+            return await call()
+        try:
+            return await call()
+        except StageNotFound:
+            if not self._creates:
+                raise
+        await self._make()
+        return await call()
+
     async def initiate(self) -> Motion:
         """Start the stage: send its pending jobs to arq. An empty stage completes at once
-        and the group moves on."""
-        return await self._store.move("initiate_stage", self.group.id, self.number)
+        and the group moves on. An ended stage raises StageComplete."""
+
+        async def run() -> Motion:
+            try:
+                return await self._store.move("initiate_stage", self.group.id, self.number)
+            except StageComplete as e:
+                raise StageComplete(e.group_id, e.number, e.status, "initiate") from None
+
+        return await self._made_first(run)
 
     async def cancel(self) -> Motion:
         """Cancel the stage: its jobs not yet final become ``cancelled`` (jobs not started
         leave arq's queue; running ones are aborted when the worker allows aborts), its
-        callbacks fire, and a running group moves on to its next stage."""
-        return await self._store.move("cancel_stage", self.group.id, self.number)
+        callbacks fire, and a running group moves on to its next stage. An ended stage
+        raises StageComplete; a missing one StageNotFound (cancel never creates)."""
+        try:
+            return await self._store.move("cancel_stage", self.group.id, self.number)
+        except StageComplete as e:
+            raise StageComplete(e.group_id, e.number, e.status, "cancel") from None
 
     async def on_complete(self, function: JobFunction, *args: Any, **kwargs: Any) -> None:
         """Enqueue ``function(ctx, summary, *args, **kwargs)`` once, when this stage
         completes or is cancelled (``summary.stage`` is its number)."""
-        spec, _ = make_spec(self._store, function, args, dict(kwargs), Schedule())
-        reply = await self._store.run("add_callback", self.group.id, f"stage.{self.number}", spec)
+        kwargs = dict(kwargs)
+        refuse_job_id(kwargs)
+        spec, _ = make_spec(self._store, function, args, kwargs, Schedule())
+        reply = await self._store.run("add_callback", self.group.id, f"stage.{self.number}", spec, self._make_arg)
         raise_code(reply, self.group.id, self.number)
 
     async def set_failure_policy(self, policy: FailurePolicy | str | None) -> None:
         """This stage's own failure policy (None: follow the group's)."""
         args: tuple[Any, ...] = ("", "") if policy is None else FailurePolicy.of(policy).script_args()
-        reply = await self._store.run("configure", self.group.id, self.number, *args)
-        raise_code(reply, self.group.id, self.number)
+
+        async def run() -> None:
+            reply = await self._store.run("configure", self.group.id, self.number, *args)
+            raise_code(reply, self.group.id, self.number)
+
+        await self._made_first(run)
 
     async def delete(self) -> Motion:
         """Delete the stage and its jobs (jobs not yet started leave arq's queue). A

@@ -22,8 +22,8 @@
 --   G:events        stream job and stage transitions, capped at the group's events cap
 --   G:summary:<ev>  string JSON summary a callback of event <ev> receives (expires)
 --   G:stages        zset   stage number -> stage number (ascending run order)
---   G:s:<n>         hash   number, status (pending, running, complete, cancelled),
---                          created, started, finished, seq, cursor, max_failed /
+--   G:s:<n>         hash   number, status (pending, running, complete, cancelled), name
+--                          (optional), created, started, finished, seq, cursor, max_failed /
 --                          max_ratio, and one counter per job status (O(1)), retried
 --   G:s:<n>:jobs    list   job seq numbers in enqueue order
 --   G:s:<n>:spec    hash   seq -> "<kind><ms>|<expires>|<queue length>|<queue><arq payload>"
@@ -137,6 +137,13 @@ local function event(fields)
     events_cap = math.min(tonumber(redis.call('HGET', G, 'events') or '0') or 0, MAX_EVENTS)
   end
   if events_cap > 0 then
+    if fields[1] == 'stage' then  -- a stage's event carries its name, when it has one
+      local name = redis.call('HGET', stage_key(fields[2]), 'name')
+      if name then
+        fields[#fields + 1] = 'name'
+        fields[#fields + 1] = name
+      end
+    end
     redis.call('XADD', G .. ':events', 'MAXLEN', '~', int(events_cap), '*', unpack(fields))
     follow_ttl(G .. ':events')
   end
@@ -144,6 +151,29 @@ end
 
 local function group_final()
   return FINAL_GROUP[redis.call('HGET', G, 'status') or ''] == true
+end
+
+-- Stage n's status; when the group has no stage by that number, it is made first
+-- (pending, empty). name: '' leaves the stage's name as it is, else the stage gets it
+-- (made or renamed). Returns nil when the group has ended and the stage would be made or
+-- renamed (an ended group takes no changes).
+local function make_stage(n, name)
+  local sk = stage_key(n)
+  local st = redis.call('HGET', sk, 'status')
+  local renamed = name ~= '' and redis.call('HGET', sk, 'name') ~= name
+  if st and not renamed then return st end
+  if group_final() then return nil end
+  if not st then
+    redis.call('HSET', sk, 'number', n, 'status', 'pending', 'created', now_ms(),
+      'seq', redis.call('HGET', G, 'seq:' .. n) or 0,
+      'cursor', 0, 'pending', 0, 'queued', 0, 'running', 0, 'pending_re_run', 0,
+      'successful', 0, 'failed', 0, 'cancelled', 0, 'retried', 0)
+    redis.call('ZADD', G .. ':stages', n, n)
+    follow_ttl(sk, G .. ':stages')
+    st = 'pending'
+  end
+  if renamed then redis.call('HSET', sk, 'name', name) end
+  return st
 end
 
 -- Read the head of a job spec: kind, time or delay (ms), expiry (ms), and where its
@@ -228,9 +258,9 @@ local function summary(outcome, now, stage_n)
   for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
     local sk = stage_key(n)
     local c = redis.call('HMGET', sk, 'status', 'successful', 'failed', 'cancelled', 'retried',
-      'started', 'finished')
+      'started', 'finished', 'name')
     out.stages[#out.stages + 1] = {
-      number = tonumber(n), status = c[1], total = redis.call('LLEN', sk .. ':jobs'),
+      number = tonumber(n), name = c[8] or nil, status = c[1], total = redis.call('LLEN', sk .. ':jobs'),
       successful = tonumber(c[2]) or 0, failed = tonumber(c[3]) or 0,
       cancelled = tonumber(c[4]) or 0, retried = tonumber(c[5]) or 0,
       started = tonumber(c[6]), finished = tonumber(c[7]),

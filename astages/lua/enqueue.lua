@@ -1,17 +1,20 @@
--- Record jobs in stage ARGV[6]; ARGV[7] is not read (a call re-sent after its reply was
--- lost is answered by once(), _lib.lua), ARGV[8] the seq of
+-- Record jobs in stage ARGV[6]; ARGV[7] is '+<name>' to make the stage when the group
+-- has none by that number (as ensure_stage.lua does; an empty <name> leaves the name, any
+-- other sets it), else the stage must exist (any other value, e.g. a token, is not read:
+-- a call re-sent after its reply was lost is answered by once(), _lib.lua), ARGV[8] the seq of
 -- the first job when reserved beforehand (reserve.lua; '' to take new ones here),
 -- ARGV[9..] are the jobs' specs (see _lib.lua). A pending stage only records them; a running stage hands
 -- them to arq at once.
 -- Returns {first seq, 1 if sent else 0} or an error code:
--- 'GROUP_GONE', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED', or
+-- 'GROUP_GONE', 'GROUP_FINISHED', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED', or
 -- 'BAD_SPEC:<i>:<why>' when the i-th spec (from 1) is one no script could send (nothing
 -- is written: every spec is checked before the first write).
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
 local n = ARGV[6]
 local sk = stage_key(n)
 local st = redis.call('HGET', sk, 'status')
-if not st then return 'STAGE_GONE' end
+local make = string.sub(ARGV[7], 1, 1) == '+'
+if not st and not make then return 'STAGE_GONE' end
 if st == 'complete' then return 'STAGE_COMPLETE' end
 if st == 'cancelled' then return 'STAGE_CANCELLED' end
 local count_new = #ARGV - 8
@@ -19,6 +22,10 @@ if count_new < 1 then return {0, 0} end
 for i = 1, count_new do
   local usable, why = spec_head(ARGV[8 + i])
   if not usable then return 'BAD_SPEC:' .. i .. ':' .. why end
+end
+if make then  -- made (or named) only now: a call that records nothing makes nothing
+  st = make_stage(n, string.sub(ARGV[7], 2))
+  if not st then return 'GROUP_FINISHED' end
 end
 local first = tonumber(ARGV[8])
 -- Reserved seqs written already (a buffer's write repeated after it failed on a lost

@@ -132,6 +132,22 @@ async def new_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await group_of(redis, ctx)).stage(3)
 
 
+async def handle_enqueue_new_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await group_of(redis, ctx)).stage(3, name="third").enqueue(work, "made")
+
+
+async def handle_on_complete_new_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await group_of(redis, ctx)).stage(3).on_complete(done)
+
+
+async def handle_policy_new_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await group_of(redis, ctx)).stage(3).set_failure_policy("halt")
+
+
+async def rename_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await group_of(redis, ctx)).stage(1, name="renamed")
+
+
 async def enqueue(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await stage_of(redis, ctx, 2)).enqueue(work, "one")
 
@@ -241,6 +257,10 @@ CASES = [
     Case("within_a_grouping, buffered", nothing, buffered_grouping),
     Case("within_a_grouping, not buffered", nothing, unbuffered_grouping),
     Case("group.stage(n)", pending, new_stage),
+    Case("await group.stage(n, name=), renaming", pending, rename_stage),
+    Case("group.stage(n).enqueue, missing stage (made)", pending, handle_enqueue_new_stage),
+    Case("group.stage(n).on_complete, missing stage (made)", pending, handle_on_complete_new_stage),
+    Case("group.stage(n).set_failure_policy, missing stage (made)", pending, handle_policy_new_stage),
     Case("stage.enqueue, pending stage", pending, enqueue),
     Case("stage.enqueue, running stage", running, enqueue_running),
     Case("stage.enqueue_many, running stage", running, enqueue_many),

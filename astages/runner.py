@@ -34,7 +34,8 @@ reply was lost is not sent a second time.
 ``reconnecting(settings)`` gives a ``RedisSettings`` a reconnect-and-retry policy unless
 the user set one, and ``reconnecting_client(redis)`` a client of the same server with
 that policy on a pool of its own: a command that fails on a dropped connection
-reconnects and is sent again. ``astages.worker_settings`` makes astages' own calls
+reconnects and is sent again (an authentication, authorization or TLS error is raised at
+once: sending it again cannot help). ``astages.worker_settings`` makes astages' own calls
 (start, report, settle, sweep, a callback's summary) through such a client; every
 astages script a worker runs is safe to repeat: idempotent per job and try.
 """
@@ -97,11 +98,25 @@ BACKOFF_CAP = 5.0
 POOL_RETRIES = 10
 
 
+class Reconnecting(Retry):
+    """redis-py's retry policy, except that an error that is not connectivity loss (a wrong
+    password, a missing permission, a TLS failure: redis-py raises them as a
+    ``ConnectionError`` too) is raised at once instead of being tried again."""
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[Any]], fail: Callable[[RedisError], Any]) -> Any:
+        async def fail_fast(error: RedisError) -> None:
+            await fail(error)
+            if not transient(error, (RedisConnectionError, RedisTimeoutError)):
+                raise error
+
+        return await super().call_with_retry(do, fail_fast)
+
+
 def _policy(errors: list[type[Exception]] | None) -> tuple[Retry, list[type[Exception]]]:
     """The reconnect-and-retry policy, and the errors it retries (added to ``errors``)."""
     retried: list[type[Exception]] = list(errors or [])
     retried += [e for e in (RedisConnectionError, RedisTimeoutError) if e not in retried]
-    return Retry(EqualJitterBackoff(cap=1.0, base=0.025), POOL_RETRIES), retried
+    return Reconnecting(EqualJitterBackoff(cap=1.0, base=0.025), POOL_RETRIES), retried
 
 
 def reconnecting(settings: RedisSettings | None = None) -> RedisSettings:

@@ -537,3 +537,32 @@ def _wrapped(outer: BaseException, inner: BaseException) -> BaseException:
 def test_what_counts_as_transient(error: BaseException, expected: bool):
     """Connectivity loss is transient; authentication, authorization, permission and TLS errors are not."""
     assert transient(error) is expected
+
+
+async def test_astages_own_client_does_not_retry_an_authentication_error():
+    """astages' own client re-sends on connectivity loss only: NOAUTH (a ConnectionError to redis-py) fails at once."""
+    connections: list[int] = []
+
+    async def noauth(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # lets the connection handshake through, then refuses commands (requirepass set since)
+        connections.append(1)
+        while data := await reader.read(65536):
+            if b"CLIENT" in data or b"SELECT" in data:
+                writer.write(b"+OK\r\n" * (data.count(b"\r\n*") + 1))
+            else:
+                writer.write(b"-NOAUTH Authentication required.\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(noauth, "127.0.0.1", 0)
+    user = ArqRedis(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
+    own = reconnecting_client(user)
+    try:
+        with pytest.raises(AuthenticationError):
+            await own.get("anything")
+        assert len(connections) == 1  # a plain retry policy reconnects and re-sends 10 times (about 5 s)
+    finally:
+        await own.aclose(close_connection_pool=True)
+        await user.aclose()
+        server.close()
+        await server.wait_closed()

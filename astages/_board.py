@@ -41,7 +41,8 @@ class StageRow:
 
     @classmethod
     def of(cls, info: StageInfo, label: str = "") -> StageRow:
-        return cls(info.number, info.status.value, info.progress, label, seconds(info.duration))
+        """The row of a stage; its label is ``label``, else the stage's name."""
+        return cls(info.number, info.status.value, info.progress, label or info.name or "", seconds(info.duration))
 
 
 def seconds(duration: dt.timedelta | None) -> float | None:
@@ -49,7 +50,8 @@ def seconds(duration: dt.timedelta | None) -> float | None:
 
 
 async def snapshot(group: StagedGroup, labels: Mapping[int, str] | None = None) -> list[StageRow] | None:
-    """Every stage's status, counts and duration, or None when the group no longer exists."""
+    """Every stage's status, counts and duration, or None when the group no longer exists.
+    A stage's label is ``labels[number]``, else its name."""
     labels = labels or {}
     try:
         stages = await group.stages()
@@ -65,7 +67,8 @@ def ended_rows(summary: GroupSummary, labels: Mapping[int, str] | None = None) -
     for s in summary.stages:
         progress = StageProgress(successful=s.successful, failed=s.failed, cancelled=s.cancelled, retried=s.retried)
         duration = seconds(s.finished - s.started) if s.started and s.finished else None
-        rows.append(StageRow(s.number, s.status, progress, labels.get(s.number, ""), duration))
+        label = labels.get(s.number) or s.name or ""
+        rows.append(StageRow(s.number, s.status, progress, label, duration))
     return rows
 
 

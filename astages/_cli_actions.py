@@ -16,6 +16,7 @@ from astages.cli import (
     find_group,
     json_option,
     main,
+    plural,
     redis_options,
     run_async,
     with_redis,
@@ -47,9 +48,10 @@ def cancel(redis_url: str, prefix: str, group_id: str, number: int | None, yes: 
             raise CommandError(f"group {group.id} already ended ({status.value}): nothing to cancel")
         if number is None:
             left = sum(p.open for p in (await group.progress()).values())
-            return group, f"Cancel group {group.id} {group.description!r} ({status.value}, {left} jobs not final)?"
+            what = f"{status.value}, {plural(left, 'job')} not final"
+            return group, f"Cancel group {group.id} {group.description!r} ({what})?"
         info = await (await group.get_stage(number)).info()
-        what = f"stage {number} ({info.status.value}, {info.progress.open} jobs not final)"
+        what = f"{info.label} ({info.status.value}, {plural(info.progress.open, 'job')} not final)"
         return group, f"Cancel {what} of group {group.id} {group.description!r}?"
 
     if not yes:
@@ -68,9 +70,10 @@ def cancel(redis_url: str, prefix: str, group_id: str, number: int | None, yes: 
         echo_json(data)
         return
     what = f"stage {data['stage']} of group {data['group']}" if data["stage"] is not None else f"group {data['group']}"
-    line = f"cancelled {what}: {data['cancelled']} jobs cancelled"
+    line = f"cancelled {what}: {plural(data['cancelled'], 'job')} cancelled"
     if data["running"]:
-        line += f" ({data['running']} were running: aborted if their worker allows aborts)"
+        were = "was" if data["running"] == 1 else "were"
+        line += f" ({data['running']} {were} running: aborted if their worker allows aborts)"
     if data["outcome"]:
         line += f"; the group ended: {data['outcome']}"
     elif data["next_stage"] is not None:
@@ -151,10 +154,26 @@ def initiate(redis_url: str, prefix: str, group_id: str) -> None:
 @main.command()
 @redis_options
 @click.argument("group_id", metavar="GROUP")
-def delete(redis_url: str, prefix: str, group_id: str) -> None:
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete(redis_url: str, prefix: str, group_id: str, yes: bool) -> None:
     """Delete a group, its stages and jobs (jobs not yet started leave arq's queue).
 
-    GROUP is a group id, or the start of one."""
+    No callback fires and its jobs are not cancelled first (see cancel for that). Asks
+    first unless --yes is given. GROUP is a group id, or the start of one."""
+
+    async def question(redis: ArqRedis) -> tuple[StagedGroup, str]:
+        group = await find_group(redis, group_id, prefix)
+        status = await group.status()
+        progress = (await group.progress()).values()
+        jobs = sum(p.total for p in progress)
+        left = sum(p.open for p in progress)
+        what = f"{status.value}, {plural(len(progress), 'stage')}, {plural(jobs, 'job')}, {left} not final"
+        return group, f"Delete group {group.id} {group.description!r} ({what})? No callback fires."
+
+    if not yes:
+        group, ask = run_async(with_redis(redis_url, question), redis_url)
+        click.confirm(ask, abort=True, err=True)
+        group_id = group.id
 
     async def action(redis: ArqRedis) -> str:
         group = await find_group(redis, group_id, prefix)
@@ -207,11 +226,10 @@ def purge(redis_url: str, prefix: str, yes: bool, as_json: bool) -> None:
 
     if not yes:
         groups = run_async(with_redis(redis_url, lambda redis: StagedGroup.count(redis, prefix=prefix)), redis_url)
-        click.confirm(
-            f"Delete every {prefix}:* key ({groups} live groups) on {safe_url(redis_url)}?", abort=True, err=True
-        )
+        live = plural(groups, "live group")
+        click.confirm(f"Delete every {prefix}:* key ({live}) on {safe_url(redis_url)}?", abort=True, err=True)
     deleted = run_async(with_redis(redis_url, lambda redis: Cleaner.purge_all(redis, prefix=prefix)), redis_url)
     if as_json:
         echo_json({"deleted_keys": deleted})
     else:
-        click.echo(f"deleted {deleted} keys")
+        click.echo(f"deleted {plural(deleted, 'key')}")

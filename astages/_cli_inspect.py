@@ -24,9 +24,11 @@ from astages.cli import (
     jsonable,
     main,
     outcome_line,
+    plural,
     redis_options,
     run_async,
     short,
+    stage_label,
     stages_table,
     summary_dict,
     table,
@@ -45,13 +47,18 @@ async def _group_row(group: StagedGroup) -> dict[str, Any]:
     status = await group.status()
     statuses = await group.stage_statuses()
     totals = sum((await group.progress()).values(), StageProgress())  # O(stages): counters only
+    current = next((n for n, s in statuses.items() if not s.ended), None)
+    name = None
+    if current is not None:
+        name = await group.redis.hget(group.store.keys.stage(group.id, current), "name")
     return {
         "id": group.id,
         "description": group.description,
         "created_at": iso(group.created_at),
         "status": status.value,
         "stages": len(statuses),
-        "current_stage": next((n for n, s in statuses.items() if not s.ended), None),
+        "current_stage": current,
+        "current_stage_name": None if name is None else name.decode(errors="replace"),
         "jobs": totals.as_dict() | {"finished": totals.finished},
     }
 
@@ -59,21 +66,23 @@ async def _group_row(group: StagedGroup) -> dict[str, Any]:
 @main.command()
 @redis_options
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Groups to show.")
-@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Groups to skip (oldest first).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Groups to skip, in listed order.")
+@click.option("--oldest", is_flag=True, help="List the oldest groups first.")
 @json_option
-def groups(redis_url: str, prefix: str, limit: int, offset: int, as_json: bool) -> None:
-    """List live groups, oldest first, with their progress."""
+def groups(redis_url: str, prefix: str, limit: int, offset: int, oldest: bool, as_json: bool) -> None:
+    """List live groups with their progress, newest first (as the dashboard does; --oldest
+    for oldest first). STAGE is the current stage (its name, if it has one) of all."""
 
     async def action(redis: ArqRedis) -> tuple[int, list[dict[str, Any]]]:
         rows = []
-        for group in await StagedGroup.list(redis, offset, limit, prefix=prefix):
+        for group in await StagedGroup.list(redis, offset, limit, prefix=prefix, newest_first=not oldest):
             with contextlib.suppress(GroupNotFound, StageNotFound):  # it finished while we read
                 rows.append(await _group_row(group))
         return await StagedGroup.count(redis, prefix=prefix), rows
 
     total, rows = run_async(with_redis(redis_url, action), redis_url)
     if as_json:
-        echo_json({"total": total, "offset": offset, "groups": rows})
+        echo_json({"total": total, "offset": offset, "order": "oldest" if oldest else "newest", "groups": rows})
         return
     if not rows:
         click.echo("no groups" if total == 0 else f"no groups at offset {offset} (there are {total})")
@@ -84,7 +93,7 @@ def groups(redis_url: str, prefix: str, limit: int, offset: int, as_json: bool) 
             short(r["description"], 32),
             when(dt.datetime.fromisoformat(r["created_at"]) if r["created_at"] else None),
             r["status"],
-            f"{r['current_stage'] or '-'}/{r['stages']}",
+            f"{r['current_stage'] or '-'}/{r['stages']}" + (f" {name}" if (name := r["current_stage_name"]) else ""),
             f"{r['jobs']['finished']}/{r['jobs']['total']}",
             r["jobs"]["failed"],
             r["jobs"]["cancelled"],
@@ -118,6 +127,7 @@ async def _stage_detail(stage: StagedGroupStage, limit: int | None) -> dict[str,
         )
     return {
         "number": stage.number,
+        "name": info.name,
         "status": info.status.value,
         "started": iso(info.started),
         "finished": iso(info.finished),
@@ -171,7 +181,8 @@ def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool,
         took = ""
         if stage["duration"] is not None:
             took = f"  in {stage['duration']:.2f}s" if stage["finished"] else f"  for {stage['duration']:.2f}s so far"
-        click.echo(f"\nstage {stage['number']}  {stage['status']}  {p['total']} jobs: {counts}{took}")
+        label = stage_label(stage["number"], stage["name"])
+        click.echo(f"\n{label}  {stage['status']}  {plural(p['total'], 'job')}: {counts}{took}")
         if not stage["jobs"]:
             continue
         rows = []

@@ -11,6 +11,7 @@ from astages.cli import (
     echo_json,
     json_option,
     main,
+    plural,
     redis_options,
     run_async,
     stages_table,
@@ -75,7 +76,7 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
     where = safe_url(redis_url) if redis_url else "fakeredis (in memory)"
     board = None if as_json else Board()
     if not as_json:
-        click.echo(f"astages demo: importing {photos} photos in {len(STAGES)} stages on {where}")
+        click.echo(f"astages demo: importing {plural(photos, 'photo')} in {plural(len(STAGES), 'stage')} on {where}")
 
     def announce(group: StagedGroup) -> None:
         if not as_json and redis_url:
@@ -93,14 +94,14 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
     failures = "; ".join(f["error"] for f in data["failures"]) or "none"
     cancelled = f", {data['cancelled']} cancelled" if data["cancelled"] else ""
     click.echo(
-        f"{data['jobs']} jobs in {data['elapsed']:.1f}s: {data['successful']} successful, {data['failed']} failed "
-        f"({failures}){cancelled}, {data['retried']} retries."
+        f"{plural(data['jobs'], 'job')} in {data['elapsed']:.1f}s: {data['successful']} successful, "
+        f"{data['failed']} failed ({failures}){cancelled}, {plural(data['retried'], 'retry', 'retries')}."
     )
     report = result.run.stage(4)
     if report:
         click.echo(f"report: {report[0].message}")
     ended = f"ended {data['outcome']} and" if data["outcome"] else "finished and"
-    click.echo(f"The group {ended} deleted itself ({data['left_over_keys']} keys left).")
+    click.echo(f"The group {ended} deleted itself ({plural(data['left_over_keys'], 'key')} left).")
 
 
 # -- astages web -------------------------------------------------------------------------

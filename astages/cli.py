@@ -103,7 +103,7 @@ async def find_group(redis: ArqRedis, ident: str, prefix: str) -> StagedGroup:
         return matches[0]
     if len(matches) > 1:
         ids = ", ".join(g.id for g in matches[:5])
-        raise CommandError(f"{ident!r} matches {len(matches)} groups ({ids}); give more of the id")
+        raise CommandError(f"{ident!r} matches {plural(len(matches), 'group')} ({ids}); give more of the id")
     raise GroupNotFound(ident)
 
 
@@ -129,6 +129,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
         return "  ".join(parts).rstrip()
 
     return "\n".join([fmt(headers), *(fmt(r) for r in cells)])
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 job``, ``2 jobs`` (``many``: the plural when it is not ``word + "s"``)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def stage_label(number: int, name: str | None) -> str:
+    """``stage 2`` or ``stage 2 (fetch)``."""
+    return f"stage {number}" + ("" if name is None else f" ({name})")
 
 
 def short(text: str, width: int) -> str:
@@ -161,6 +171,7 @@ def summary_dict(summary: GroupSummary) -> dict[str, Any]:
         "stages": [
             {
                 "number": s.number,
+                "name": s.name,
                 "status": s.status,
                 "jobs": s.total,
                 "successful": s.successful,
@@ -179,10 +190,13 @@ def summary_dict(summary: GroupSummary) -> dict[str, Any]:
 
 def stages_table(stages: Sequence[Mapping[str, Any]], *, number: str = "number", label: str = "status") -> str:
     """Per stage (dicts with the keys ``number`` and ``label`` name, jobs, successful,
-    failed, cancelled, retried and duration): its counts and how long it took."""
+    failed, cancelled, retried and duration): its counts and how long it took. A NAME
+    column shows stage names when a stage has one (key ``name``)."""
+    named = label != "name" and any(s.get("name") for s in stages)
     rows = [
         (
             s[number],
+            *((s.get("name") or "-",) if named else ()),
             s[label],
             s["jobs"],
             s["successful"],
@@ -193,8 +207,9 @@ def stages_table(stages: Sequence[Mapping[str, Any]], *, number: str = "number",
         )
         for s in stages
     ]
-    headers = ["STAGE", label.upper(), "JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
-    return table(headers, rows, (0, 2, 3, 4, 5, 6, 7))
+    headers = ["STAGE", *(["NAME"] if named else []), label.upper()]
+    headers += ["JOBS", "SUCCESSFUL", "FAILED", "CANCELLED", "RETRIED", "DURATION"]
+    return table(headers, rows, (0, *range(len(headers) - 6, len(headers))))
 
 
 def outcome_line(summary: GroupSummary) -> str:

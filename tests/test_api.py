@@ -270,3 +270,18 @@ async def test_stage_complete_says_what_was_attempted(redis):
         await stage.initiate()
     with pytest.raises(astages.StageComplete, match="takes no new jobs"):
         await stage.enqueue(work)
+
+
+async def test_watch_board_labels_stages_by_name(redis):
+    """astages watch's rows label a stage with its name, while it runs and from the end summary."""
+    from astages._board import Board, ended_rows, snapshot
+
+    group = await StagedGroup.create(redis, "board", keep_for=60)
+    await group.stage(1, name="fetch").enqueue(work)
+    await group.stage(2).enqueue(work)
+    rows = await snapshot(group)
+    assert rows is not None and [r.label for r in rows] == ["fetch", ""]
+    assert Board(live=False).line(rows[0], 5).startswith("stage 1 fetch  [")
+    await group.cancel()
+    summary = await group.summary()
+    assert summary is not None and [r.label for r in ended_rows(summary)] == ["fetch", ""]

@@ -73,7 +73,7 @@ def test_cancel_stage_asks_first_then_the_group_goes_on(db_url: str) -> None:
     assert on_redis(db_url, lambda redis: redis.zcard("arq:queue")) == 1  # stage 1's jobs left, stage 2's came
     shown = invoke("show", group_id, "--redis-url", db_url).output
     assert "stage 1  cancelled  3 jobs: 3 cancelled  in " in shown
-    assert "stage 2  running  1 jobs: 1 queued  for " in shown and "s so far" in shown
+    assert "stage 2  running  1 job: 1 queued  for " in shown and "s so far" in shown
     listed = invoke("groups", "--redis-url", db_url).output.splitlines()
     assert listed[1].split()[-5:] == ["running", "2/2", "3/4", "0", "3"]
     row = json.loads(invoke("groups", "--json", "--redis-url", db_url).output)["groups"][0]

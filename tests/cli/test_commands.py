@@ -27,21 +27,21 @@ def invoke(*args: str, input: str | None = None) -> Any:
 
 
 def test_groups_lists_live_groups_with_progress(db_url: str) -> None:
-    """groups shows each group's stage and job counts, as a table and as JSON."""
+    """groups shows each group's stage and job counts, newest first (--oldest: oldest first), as a table and JSON."""
     first = make_group(db_url, "first")
     make_group(db_url, "second", initiate=False)
-    result = invoke("groups", "--redis-url", db_url)
+    result = invoke("groups", "--redis-url", db_url, "--oldest")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == ["ID", "DESCRIPTION", "CREATED", "STATUS", "STAGE", "JOBS", "FAILED", "CANCELLED"]
     assert lines[1].startswith(first) and "running" in lines[1] and "0/4" in lines[1]
     assert "second" in lines[2] and "pending" in lines[2]
-    data = json.loads(invoke("groups", "--redis-url", db_url, "--json").output)
+    data = json.loads(invoke("groups", "--redis-url", db_url, "--json", "--oldest").output)
     assert data["total"] == 2
     assert [g["description"] for g in data["groups"]] == ["first", "second"]
     assert data["groups"][0]["current_stage"] == 1
     assert data["groups"][0]["jobs"]["queued"] == 3
-    page = invoke("groups", "--redis-url", db_url, "--limit", "1", "--offset", "1")
+    page = invoke("groups", "--redis-url", db_url, "--limit", "1", "--offset", "1", "--oldest")
     assert "second" in page.output and "groups 2-2 of 2" in page.output
 
 
@@ -71,7 +71,7 @@ def test_show_lists_stages_jobs_messages_and_errors(db_url: str) -> None:
     assert "stage 1  complete  2 jobs: 1 successful, 1 failed" in out
     assert "noop 1 done" in out
     assert "crash 2 starting | ValueError: crash 2 went wrong" in out
-    assert "stage 2  running  1 jobs: 1 queued" in out
+    assert "stage 2  running  1 job: 1 queued" in out
     data = json.loads(invoke("show", group_id, "--redis-url", db_url, "--json").output)
     crashed = data["stages"][0]["jobs"][1]
     assert (crashed["function"], crashed["args"], crashed["status"], crashed["tries"]) == ("crash", [2], "failed", 1)
@@ -125,7 +125,7 @@ def test_initiate_and_delete(db_url: str) -> None:
     group_id = make_group(db_url, initiate=False)
     result = invoke("initiate", group_id, "--redis-url", db_url)
     assert result.output == f"group {group_id}: stage 1 is running\n"
-    assert invoke("delete", group_id, "--redis-url", db_url).output == f"deleted group {group_id}\n"
+    assert invoke("delete", group_id, "--redis-url", db_url, "--yes").output == f"deleted group {group_id}\n"
     assert invoke("show", group_id, "--redis-url", db_url).exit_code == 1
     assert on_redis(db_url, lambda redis: redis.zcard("arq:queue")) == 0  # its queued jobs left arq's queue
 
@@ -144,7 +144,7 @@ def test_purge_asks_first_and_deletes_every_astages_key(db_url: str) -> None:
     group_id = make_group(db_url)
     on_redis(db_url, lambda redis: redis.set("unrelated", "1"))
     refused = invoke("purge", "--redis-url", db_url, input="n\n")
-    assert refused.exit_code == 1 and "(1 live groups)" in refused.output and "Aborted" in refused.output
+    assert refused.exit_code == 1 and "(1 live group)" in refused.output and "Aborted" in refused.output
     assert invoke("show", group_id, "--redis-url", db_url).exit_code == 0
     result = invoke("purge", "--redis-url", db_url, "--yes", "--json")
     assert result.exit_code == 0, result.output
@@ -181,3 +181,56 @@ def test_watch_returns_once_a_kept_group_ended(db_url: str) -> None:
     assert "1/1" in result.output
     assert f"group {group_id} ended: complete at " in result.output
     assert result.output.endswith(": 1 successful, 0 failed, 0 cancelled\n")
+
+
+def test_groups_lists_newest_first_by_default(db_url: str) -> None:
+    """groups (as the dashboard) lists the newest group first; --offset pages in that order."""
+    make_group(db_url, "older", initiate=False)
+    make_group(db_url, "newer", initiate=False)
+    data = json.loads(invoke("groups", "--redis-url", db_url, "--json").output)
+    assert [g["description"] for g in data["groups"]] == ["newer", "older"] and data["order"] == "newest"
+    page = invoke("groups", "--redis-url", db_url, "--limit", "1", "--offset", "1")
+    assert "older" in page.output and "newer" not in page.output
+    assert "newest first" in invoke("groups", "--help").output
+
+
+def test_delete_asks_first(db_url: str) -> None:
+    """delete asks before deleting (as cancel and purge do): no keeps the group, yes or --yes deletes it."""
+    group_id = make_group(db_url, "keep me")
+    refused = invoke("delete", group_id[:10], "--redis-url", db_url, input="n\n")
+    assert refused.exit_code == 1 and "Aborted" in refused.output
+    assert f"Delete group {group_id} 'keep me' (running, 2 stages, 4 jobs, 4 not final)?" in refused.output
+    assert invoke("show", group_id, "--redis-url", db_url).exit_code == 0
+    confirmed = invoke("delete", group_id[:10], "--redis-url", db_url, input="y\n")
+    assert confirmed.exit_code == 0 and confirmed.output.endswith(f"deleted group {group_id}\n")
+    assert invoke("show", group_id, "--redis-url", db_url).exit_code == 1
+
+
+def test_stage_names_and_plurals_in_show_groups_and_wait(db_url: str) -> None:
+    """show, groups and wait name named stages, and say "1 job" / "2 jobs"."""
+
+    async def action(redis: ArqRedis) -> str:
+        group = await astages.StagedGroup.create(redis, "named", keep_for=60)
+        await group.stage(1, name="fetch").enqueue(noop, 1)
+        await group.stage(2).enqueue_many([(noop, (2,)), (noop, (3,))])
+        await group.initiate()
+        return group.id
+
+    group_id = on_redis(db_url, action)
+    shown = invoke("show", group_id, "--redis-url", db_url)
+    assert "\nstage 1 (fetch)  running  1 job: 1 queued" in shown.output
+    assert "\nstage 2  pending  2 jobs: 2 pending" in shown.output
+    assert json.loads(invoke("show", group_id, "--redis-url", db_url, "--json").output)["stages"][0]["name"] == "fetch"
+    listed = invoke("groups", "--redis-url", db_url)
+    assert "1/2 fetch" in listed.output
+
+    async def cancel(redis: ArqRedis) -> None:
+        await (await astages.StagedGroup.load(redis, group_id)).cancel()
+
+    on_redis(db_url, cancel)
+    waited = invoke("wait", group_id, "--redis-url", db_url)
+    lines = waited.output.splitlines()
+    assert lines[1].split()[:3] == ["STAGE", "NAME", "STATUS"]
+    assert lines[2].split()[:3] == ["1", "fetch", "cancelled"] and lines[3].split()[:3] == ["2", "-", "cancelled"]
+    data = json.loads(invoke("wait", group_id, "--redis-url", db_url, "--json").output)
+    assert [s["name"] for s in data["stages"]] == ["fetch", None]

@@ -59,7 +59,8 @@ async def run(cfg: Config) -> list[Table]:
         await complete_pipelined(redis, group.id, 1, list(range(1, n)))
         nearly = await group_bytes(redis, group.id)
         await complete_pipelined(redis, group.id, 1, [n])
-        left = [k async for k in redis.scan_iter(match="astages:*", count=1000)]
+        # reply keys of the recording calls (re-sent calls act once) expire within a minute
+        left = [k async for k in redis.scan_iter(match="astages:*", count=1000) if b":reply:" not in k]
         used2 = int((await redis.info("memory"))["used_memory"])
 
         await flush(redis)

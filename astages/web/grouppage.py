@@ -52,7 +52,8 @@ class EventRow:
         if self.seq is not None:
             return f"stage {self.stage} · job {self.seq}"
         if self.stage is not None:
-            return f"stage {self.stage}"
+            name = self.event.details.get("name") if self.event.kind == "stage" else None
+            return f"stage {self.stage}" + (f" ({name})" if name else "")
         return "group"
 
     @property
@@ -60,8 +61,8 @@ class EventRow:
         """The event's details as words (``try 2``, ``5 jobs``); the error is apart."""
         parts = []
         for key, value in self.event.details.items():
-            if key == "error":
-                continue
+            if key == "error" or (key == "name" and self.event.kind == "stage"):
+                continue  # the error is apart; a stage's name is in its label
             if key == "try":
                 parts.append(f"try {value}")
             elif key == "jobs":
@@ -165,6 +166,7 @@ def summary_json(summary: GroupSummary) -> dict[str, Any]:
         "stages": [
             {
                 "number": s.number,
+                "name": s.name,
                 "status": s.status,
                 "total": s.total,
                 "successful": s.successful,

@@ -24,7 +24,7 @@ GROUP_SORTS = ("created", "description", "stages", "progress")
 
 
 class StageView:
-    """``number``, ``status`` and ``progress`` of the stage whose ``info`` a row or page holds."""
+    """``number``, ``status``, ``progress`` and ``name`` of the stage whose ``info`` a row or page holds."""
 
     __slots__ = ()
     info: StageInfo
@@ -41,6 +41,10 @@ class StageView:
     def progress(self) -> StageProgress:
         return self.info.progress
 
+    @property
+    def name(self) -> str | None:
+        return self.info.name
+
 
 @dataclass(frozen=True, slots=True)
 class StageRow(StageView):
@@ -51,6 +55,7 @@ class StageRow(StageView):
     def as_json(self) -> dict[str, Any]:
         return {
             "number": self.number,
+            "name": self.name,
             "status": self.status.value,
             "num_jobs": self.progress.total,
             "progress": progress_json(self.progress),
@@ -97,6 +102,13 @@ class GroupRow:
         return None
 
     @property
+    def current_stage_name(self) -> str | None:
+        for stage in self.stages:
+            if not stage.status.ended:
+                return stage.name
+        return None
+
+    @property
     def live(self) -> bool:
         return self.status == "running"
 
@@ -114,6 +126,7 @@ class GroupRow:
             "ended": self.ended,
             "num_stages": self.num_stages,
             "current_stage": self.current_stage,
+            "current_stage_name": self.current_stage_name,
             "progress": progress_json(self.progress),
         }
 

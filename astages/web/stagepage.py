@@ -156,6 +156,7 @@ class StagePage(StageView):
         return {
             "group": {"id": self.group_id, "description": self.group_description, "status": self.group_status.value},
             "number": self.number,
+            "name": self.name,
             "status": self.status.value,
             "num_jobs": self.num_jobs,
             "progress": progress_json(self.progress),

@@ -77,6 +77,12 @@
       if (el.textContent !== text) el.textContent = text;
       if (el.hasAttribute("data-badge")) el.className = "badge st-" + text;
     });
+    document.querySelectorAll("[data-live-plural]").forEach(function (el) {
+      var count = lookup(data, el.getAttribute("data-live-plural"));
+      if (count === undefined || count === null) return;
+      var word = Number(count) === 1 ? el.getAttribute("data-one") : el.getAttribute("data-many");
+      if (el.textContent !== word) el.textContent = word;
+    });
     document.querySelectorAll("[data-live-bar]").forEach(function (svg) {
       var progress = lookup(data, svg.getAttribute("data-live-bar"));
       if (progress) bar(svg, progress);

@@ -16,6 +16,7 @@ from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Motion, RecordBuffer, Store, raise_code, text
 from astages.exceptions import AstagesError, GroupNotFound, InvalidStageNumber, StageNotFound
 from astages.models import (
+    MAX_DELAY_MS,
     Event,
     FailurePolicy,
     GroupStatus,
@@ -35,6 +36,8 @@ __all__ = ["DEFAULT_EVENTS", "GroupEnding", "StagedGroup", "within_a_grouping"]
 
 # Default cap of a group's event timeline (a Redis stream trimmed to about this length).
 DEFAULT_EVENTS = 1_000
+# The largest cap (the scripts cap it there too).
+MAX_EVENTS = 10**12
 
 
 _last_id_ms = 0
@@ -117,10 +120,17 @@ class StagedGroup:
         the group expires that long after its creation unless it has ended by then."""
         if not isinstance(description, str):
             raise AstagesError(f"a group description must be a str, not {type(description).__name__}")
-        if keep_for < 0 or events < 0:
-            raise AstagesError(f"keep_for and events must be >= 0, not {keep_for!r} and {events!r}")
-        if ttl is not None and not ttl > 0:
-            raise AstagesError(f"ttl must be a number of seconds > 0, or None, not {ttl!r}")
+        years = MAX_DELAY_MS // 1000
+        if not 0 <= keep_for <= years:  # NaN fails too
+            raise AstagesError(
+                f"keep_for must be a number of seconds from 0 to {years:,} (100 years), not {keep_for!r}"
+            )
+        if isinstance(events, bool) or not isinstance(events, int) or not 0 <= events <= MAX_EVENTS:
+            raise AstagesError(f"events must be an int from 0 to {MAX_EVENTS:,}, not {events!r}")
+        if ttl is not None and not 0 < ttl <= years:
+            raise AstagesError(
+                f"ttl must be a number of seconds > 0 and at most {years:,} (100 years), or None, not {ttl!r}"
+            )
         policy = FailurePolicy.of(failure_policy)
         store = Store(redis, Keys(prefix))
         created = now_ms()

@@ -206,3 +206,24 @@ async def test_cancel_asks_arq_to_abort_only_jobs_it_runs(real_redis):
     assert await real_redis.zrange("arq:abort", 0, -1) == [ids[0].encode()]
     assert await real_redis.zrange("arq:queue", 0, -1) == [ids[0].encode()]
     assert not await real_redis.exists(f"arq:job:{ids[2]}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"keep_for": 1e17},
+        {"keep_for": float("nan")},
+        {"keep_for": -1},
+        {"events": 10**20},
+        {"events": 1.5},
+        {"ttl": 1e14},
+        {"ttl": float("inf")},
+        {"ttl": 0},
+    ],
+)
+async def test_group_options_out_of_range_are_refused(redis, options):
+    """keep_for, events and ttl out of range are refused with a clear error and nothing is
+    created (the scripts also cap them, so none can stop a script half-way)."""
+    with pytest.raises(astages.AstagesError, match="must be"):
+        await StagedGroup.create(redis, "bad", **options)
+    assert await redis.keys("astages:*") == []

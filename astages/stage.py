@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from arq.jobs import serialize_job
@@ -171,7 +171,7 @@ def refuse_job_id(kwargs: dict[str, Any]) -> None:
         raise InvalidJobOption("_job_id")
 
 
-class StagedGroupStage:
+class StagedGroupStage(Coroutine[Any, Any, "StagedGroupStage"]):
     """A stage of a group. Its jobs all finish (retries included) before the group's next
     stage starts.
 
@@ -190,15 +190,20 @@ class StagedGroupStage:
     - A look-up handle (``await group.get_stage(n)``, ``await group.stage(n)``,
       ``group.stages()``, ``job.stage()``, ``StagedGroupStage(group, n)``) never creates:
       once its stage is deleted every call raises StageNotFound.
+
+    A handle is also a coroutine object, so code that needs one where ``group.stage(n)``
+    used to be a coroutine (``asyncio.create_task(group.stage(n))``, ``asyncio.run``)
+    keeps working: run that way, it does what ``await group.stage(n)`` does, once.
     """
 
-    __slots__ = ("_creates", "group", "name", "number")
+    __slots__ = ("_creates", "_running", "group", "name", "number")
 
     def __init__(self, group: StagedGroup, number: int, *, name: str | None = None, creates: bool = False) -> None:
         self.group = group
         self.number = number
         self.name = check_name(name)  # the name this handle gives the stage, if any
         self._creates = creates
+        self._running: Coroutine[Any, Any, StagedGroupStage] | None = None  # when run as a coroutine object
 
     def __repr__(self) -> str:
         named = "" if self.name is None else f" {self.name!r}"
@@ -208,6 +213,25 @@ class StagedGroupStage:
         """``await group.stage(n)``: the stage made (or named) now, as a look-up handle.
         Awaiting a look-up handle checks that its stage exists (StageNotFound)."""
         return self._resolve().__await__()
+
+    # The coroutine protocol (create_task, asyncio.run): one _resolve() driven step by step.
+
+    def _coroutine(self) -> Coroutine[Any, Any, StagedGroupStage]:
+        if self._running is None:
+            self._running = self._resolve()
+        return self._running
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None and tb is None:
+            return self._coroutine().throw(typ)
+        return self._coroutine().throw(typ, val, tb)  # the old signature
+
+    def close(self) -> None:
+        if self._running is not None:
+            self._running.close()
 
     async def _resolve(self) -> StagedGroupStage:
         if self._creates:

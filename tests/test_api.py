@@ -285,3 +285,17 @@ async def test_watch_board_labels_stages_by_name(redis):
     await group.cancel()
     summary = await group.summary()
     assert summary is not None and [r.label for r in ended_rows(summary)] == ["fetch", ""]
+
+
+async def test_a_handle_runs_as_a_coroutine_where_one_is_needed(redis):
+    """asyncio.create_task(group.stage(n)) works as when stage() was a coroutine: it makes the stage once."""
+    import asyncio
+
+    group = await StagedGroup.create(redis, "task")
+    stage = await asyncio.create_task(group.stage(1, name="made"))
+    assert isinstance(stage, astages.StagedGroupStage) and (await stage.info()).name == "made"
+    assert [s.number for s in await asyncio.gather(group.stage(2), group.stage(3))] == [2, 3]
+    assert list(await group.stages()) == [1, 2, 3]
+    unused = group.stage(4)
+    unused.close()  # closing a handle never run does nothing (and warns of nothing)
+    assert await group.num_stages() == 3

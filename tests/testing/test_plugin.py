@@ -16,7 +16,7 @@ def readme_example() -> dict[str, str]:
     """The files of the example in the README's "Testing your stages" (first line names each)."""
     section = README.read_text(encoding="utf-8").split("## Testing your stages", 1)[1].split("\n## ", 1)[0]
     files = {}
-    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
+    for block in re.findall(r"```(?:python|ini)\n(.*?)```", section, flags=re.S):
         name = block.splitlines()[0].removeprefix("# ").strip()
         files[name] = block
     return files
@@ -24,11 +24,9 @@ def readme_example() -> dict[str, str]:
 
 def run_example(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     for name, text in readme_example().items():
+        if name == "pytest.ini":  # as written, plus: any warning fails the run
+            text = text.split("\n", 1)[1] + "filterwarnings = error\n"
         (tmp_path / name).write_text(text, encoding="utf-8")
-    (tmp_path / "pytest.ini").write_text(
-        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\nfilterwarnings = error\n",
-        encoding="utf-8",
-    )
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ASTAGES_", "PYTEST_"))} | env
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
@@ -41,8 +39,8 @@ def run_example(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_readme_names_its_example_files() -> None:
-    """The README's example is a conftest.py and a test file."""
-    assert sorted(readme_example()) == ["conftest.py", "test_import.py"]
+    """The README's example is a pytest.ini, a conftest.py and a test file."""
+    assert sorted(readme_example()) == ["conftest.py", "pytest.ini", "test_import.py"]
 
 
 def test_readme_example_passes_on_fakeredis(tmp_path: Path) -> None:

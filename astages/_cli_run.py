@@ -80,7 +80,9 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
 
     def announce(group: StagedGroup) -> None:
         if not as_json and redis_url:
-            click.echo(f"group {group.id} (try `astages watch {group.id[:12]}` in another terminal)")
+            # the same server for the suggested command (a password stays out of the terminal)
+            url = "$REDIS_URL" if "@" in redis_url else redis_url
+            click.echo(f"group {group.id} (try `astages watch --redis-url {url} {group.id[:12]}` in another terminal)")
 
     with quiet_workers(verbose):
         result = run_async(run_demo(redis_url, photos=photos, quick=quick, board=board, on_group=announce), redis_url)
@@ -119,7 +121,8 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
     help="Origin (https://ops.example.com) a reverse proxy that rewrites Host serves the pages from; repeatable.",
 )
 def web(redis_url: str, prefix: str, host: str, port: int, root_path: str, trusted_origins: tuple[str, ...]) -> None:
-    """Serve the web dashboard (needs the extra: pip install 'astages[web]').
+    """Serve the web dashboard (needs the web extra: pip install 'astages[web]', or
+    pip install -e '.[web]' in a clone).
 
     Set ASTAGES_WEB_PASSWORD (user ASTAGES_WEB_USER, default astages) to require HTTP basic
     auth; an address that is not loopback needs it. ASTAGES_WEB_SECRET keeps forms valid
@@ -133,7 +136,9 @@ def web(redis_url: str, prefix: str, host: str, port: int, root_path: str, trust
 
         from astages.web.serve import WebSettings, serve
     except ImportError as e:
-        raise CommandError(f"the dashboard needs the web extra: pip install 'astages[web]' ({e})") from None
+        raise CommandError(
+            f"the dashboard needs the web extra: pip install 'astages[web]' (in a clone: pip install -e '.[web]') ({e})"
+        ) from None
     try:
         settings = WebSettings.of(redis_url, host, port, prefix, root_path, trusted_origins=trusted_origins)
     except ValueError as e:

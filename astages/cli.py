@@ -70,6 +70,9 @@ def run_async(coroutine: Coroutine[Any, Any, T], redis_url: str | None = None) -
     where = f" at {safe_url(redis_url)}" if redis_url else ""
     try:
         return asyncio.run(coroutine)
+    except GroupNotFound as e:
+        # say where it looked: the wrong server or database is the usual reason
+        raise CommandError(f"{e} (looked in Redis{where})" if where else str(e)) from None
     except AstagesError as e:
         raise CommandError(str(e)) from None
     except ValueError as e:

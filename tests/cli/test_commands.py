@@ -97,6 +97,8 @@ def test_unknown_or_ambiguous_group_is_one_line_and_exit_1(db_url: str) -> None:
         assert result.exit_code == 1, (args, result.output)
         assert result.output.startswith(expected), (args, result.output)
         assert result.output.count("\n") == 1 and "Traceback" not in result.output
+        if "does not exist" in expected:  # where it looked: the wrong server or database is the usual cause
+            assert result.output.rstrip().endswith(f"(looked in Redis at {db_url})"), result.output
 
 
 def test_unreachable_or_invalid_redis_is_one_line_and_exit_1() -> None:

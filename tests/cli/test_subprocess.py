@@ -98,6 +98,14 @@ def test_demo_on_a_real_server_leaves_nothing_behind(db_url: str) -> None:
     assert on_redis(db_url, lambda redis: keys_left(redis, "*")) == []
 
 
+def test_demo_suggests_a_watch_on_its_own_server(db_url: str) -> None:
+    """demo --redis-url suggests `astages watch` with that URL (without it, watch looked in
+    the default database and said the group did not exist)."""
+    done = run("demo", "--quick", "--photos", "5", "--redis-url", db_url)
+    assert done.returncode == 0, done.stderr
+    assert f"(try `astages watch --redis-url {db_url} " in done.stdout
+
+
 def test_demo_without_a_server(db_url: str) -> None:
     """demo with no URL runs on fakeredis and prints bars and a summary table."""
     done = run("demo", "--quick", "--photos", "15")

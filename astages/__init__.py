@@ -15,16 +15,19 @@ from astages.exceptions import (
     InvalidStageName,
     InvalidStageNumber,
     InvalidStatusMessage,
+    JobFailed,
     JobNotFound,
     JobNotPending,
     JobNotRun,
+    NotRetryable,
+    ResultNotAvailable,
     RetriesExhausted,
     StageComplete,
     StageNotFound,
     StageNotRunning,
 )
 from astages.group import StagedGroup, within_a_grouping
-from astages.job import StagedJob
+from astages.job import JobResult, StagedJob
 from astages.models import (
     Event,
     FailurePolicy,
@@ -64,11 +67,15 @@ __all__ = [
     "InvalidStageName",
     "InvalidStageNumber",
     "InvalidStatusMessage",
+    "JobFailed",
     "JobInfo",
     "JobNotFound",
     "JobNotPending",
     "JobNotRun",
+    "JobResult",
     "JobStatus",
+    "NotRetryable",
+    "ResultNotAvailable",
     "RetriesExhausted",
     "StageComplete",
     "StageInfo",

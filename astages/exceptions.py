@@ -18,8 +18,13 @@ AstagesError
 ├── InvalidSchedule        a time or delay that is not one
 ├── CorruptRecord          data under an astages key that astages did not write
 ├── RetriesExhausted       (raised inside a worker) a Retry on the last allowed try
-└── JobNotRun              (raised inside a worker) arq delivered a staged job that no
-                           longer exists or already ended; it is not run
+├── JobNotRun              (raised inside a worker) arq delivered a staged job that no
+│                          longer exists or already ended; it is not run
+├── NotRetryable           a job (or a stage's failed jobs) that cannot be retried now,
+│                          with the reason
+└── ResultNotAvailable     a job has no result to give (not final yet, cancelled, not
+    │                      kept by arq or expired, or gone), with the reason
+    └── JobFailed          the job failed: its error instead of a result
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ __all__ = [
     "InvalidStatusMessage",
     "JobNotFound",
     "JobNotPending",
+    "JobFailed",
     "JobNotRun",
+    "NotRetryable",
+    "ResultNotAvailable",
     "RetriesExhausted",
     "StageComplete",
     "StageNotFound",
@@ -219,3 +227,38 @@ class JobNotRun(AstagesError):
         self.job_id = job_id
         self.reason = reason
         super().__init__(f"staged job {job_id!r} was not run: {reason}")
+
+
+class NotRetryable(AstagesError):
+    """A retry was refused: ``what`` is the job id (or "stage <n> of group <id>"),
+    ``reason`` says why. Nothing was changed."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what} cannot be retried: {reason}")
+
+
+class ResultNotAvailable(AstagesError):
+    """``job.result()`` has no value to give. ``reason`` is one of ``not_final`` (the job
+    has not ended: pending, queued, running or waiting for a retry), ``cancelled``,
+    ``not_kept`` (it ended successfully but arq keeps no result for it: ``keep_result=0``,
+    or its ``keep_result`` time ran out), ``being_written`` (it ended and arq has not yet
+    written its result; ask again in a moment), ``gone`` (no record of the job and no kept
+    result: the job or its stage was deleted, or its group ended and was deleted) or
+    ``failed`` (``JobFailed``)."""
+
+    def __init__(self, job_id: str, reason: str, detail: str = "") -> None:
+        self.job_id = job_id
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"job {job_id!r} has no result: {detail or reason}")
+
+
+class JobFailed(ResultNotAvailable):
+    """``job.result()`` of a job that failed: ``error`` is the error it ended with."""
+
+    def __init__(self, job_id: str, error: str) -> None:
+        self.error = error
+        super().__init__(job_id, "failed", f"it failed: {error}")
+        self.args = (f"job {job_id!r} failed: {error}",)

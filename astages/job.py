@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from arq.jobs import DeserializationError, deserialize_job_raw
+from arq.constants import in_progress_key_prefix, result_key_prefix
+from arq.jobs import DeserializationError, deserialize_job_raw, deserialize_result
 
 from astages._keys import DEFAULT_PREFIX, JobRef, Keys
 from astages._scripts import Motion, Store, text
-from astages.exceptions import CorruptRecord, InvalidStatusMessage, JobNotFound, JobNotPending, StageNotRunning
+from astages.exceptions import (
+    CorruptRecord,
+    InvalidStatusMessage,
+    JobFailed,
+    JobNotFound,
+    JobNotPending,
+    NotRetryable,
+    ResultNotAvailable,
+    StageNotRunning,
+)
 from astages.models import JobInfo, JobStatus, Schedule, decode_code, decode_spec, ms_to_datetime
 
 if TYPE_CHECKING:
@@ -18,12 +31,169 @@ if TYPE_CHECKING:
 
     from astages.stage import StagedGroupStage
 
-__all__ = ["MESSAGE_LIMIT", "StagedJob"]
+__all__ = ["MESSAGE_LIMIT", "RESULT_SETTLE", "JobResult", "StagedJob"]
 
 # Longest status message, in characters: a message is a status line, not a log.
 MESSAGE_LIMIT = 65_536
 # The ctx key under which the worker wrapper leaves the running job's handle.
 CTX_JOB = "astages_job"
+# How long (seconds) a result read waits for arq to write the result of a job that astages
+# already records as ended (a worker reports a job's outcome just before arq writes its
+# result, so a later stage can start in between).
+RESULT_SETTLE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What one staged job gave, as ``stage.results()`` and ``job.outcome()`` read it.
+
+    ``reason`` is None when ``value`` is the job's result: the job succeeded and arq still
+    keeps its result (arq's ``keep_result``, 3600 s by default, per function with
+    ``arq.func(..., keep_result=)``, or ``keep_result_forever``). Otherwise ``value`` is
+    None and ``reason`` says why:
+
+    - ``failed``: the job failed; ``error`` is the error it ended with.
+    - ``not_final``: it has not ended (pending, queued, running, waiting for a retry).
+    - ``cancelled``: it was cancelled (with its stage or group).
+    - ``not_kept``: it succeeded but arq keeps no result (``keep_result=0``, or its time ran out).
+    - ``being_written``: it ended but arq had not yet written its result when the read
+      gave up waiting (``RESULT_SETTLE``; a worker that died after its report).
+    - ``unreadable``: arq's result could not be deserialized here (``error`` says why).
+    - ``gone``: neither a record nor a kept result: the job or its stage was deleted, or
+      its group ended and was deleted and arq keeps no result.
+
+    ``status`` is the job's status (None when astages has no record of it: then status,
+    value and error come from arq's kept result alone)."""
+
+    job_id: str
+    status: JobStatus | None
+    reason: str | None
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when ``value`` is the job's result."""
+        return self.reason is None
+
+    def unwrap(self) -> Any:
+        """The job's result; JobFailed for a failed job, else ResultNotAvailable with the reason."""
+        if self.reason is None:
+            return self.value
+        if self.reason == "failed":
+            raise JobFailed(self.job_id, self.error or "")
+        raise ResultNotAvailable(self.job_id, self.reason, _REASONS.get(self.reason, self.error or self.reason))
+
+
+_REASONS = {
+    "not_final": "it has not ended yet (pending, queued, running or waiting for a retry)",
+    "cancelled": "it was cancelled",
+    "not_kept": "arq keeps no result for it (keep_result=0, or its keep_result time ran out)",
+    "being_written": "it ended but arq has not written its result yet; ask again in a moment",
+    "gone": "there is no record of it and no kept result (the job or its stage was deleted, "
+    "or its group ended and was deleted)",
+}
+
+
+def _describe(error: object) -> str:
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return str(error)
+
+
+def _job_result(
+    job_id: str,
+    open_code: bytes | None,
+    done_code: bytes | None,
+    err: bytes | None,
+    raw: bytes | None,
+    in_progress: int,
+    deserializer: Any,
+) -> JobResult:
+    """A JobResult from what astages and arq hold for one job."""
+    kept: Any = None
+    unreadable = ""
+    if raw is not None:
+        try:
+            kept = deserialize_result(raw, deserializer=deserializer)
+        except Exception as e:  # a user's result class that is not importable here, ...
+            unreadable = f"arq's result could not be read: {_describe(e)}"
+    if open_code is not None:
+        return JobResult(job_id, decode_code(open_code)[0], "not_final")
+    if done_code is None:  # no record: arq's kept result alone
+        if kept is None:
+            return JobResult(job_id, None, "unreadable" if unreadable else "gone", error=unreadable or None)
+        if kept.success:
+            return JobResult(job_id, None, None, kept.result)
+        return JobResult(job_id, JobStatus.FAILED, "failed", error=_describe(kept.result))
+    status = decode_code(done_code)[0]
+    if status is JobStatus.FAILED:
+        error = text(err) if err is not None else (_describe(kept.result) if kept is not None else "")
+        return JobResult(job_id, status, "failed", error=error)
+    if status is JobStatus.CANCELLED:
+        return JobResult(job_id, status, "cancelled")
+    if kept is not None and kept.success:
+        return JobResult(job_id, status, None, kept.result)
+    if unreadable:
+        return JobResult(job_id, status, "unreadable", error=unreadable)
+    return JobResult(job_id, status, "being_written" if in_progress else "not_kept")
+
+
+async def read_results(store: Store, refs: Sequence[JobRef], settle: float = RESULT_SETTLE) -> list[JobResult]:
+    """The results of ``refs`` (jobs of one stage), in one pipelined round trip, plus a
+    short wait for a result arq is still writing (see ``RESULT_SETTLE``)."""
+    if not refs:
+        return []
+    ids = [store.keys.job_id(r.group_id, r.stage, r.seq) for r in refs]
+    seqs = [str(r.seq) for r in refs]
+    part = store.keys.stage_part
+    ref0 = refs[0]
+    deserializer = getattr(store.redis, "job_deserializer", None)
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(part(ref0.group_id, ref0.stage, "open"), seqs)
+        pipe.hmget(part(ref0.group_id, ref0.stage, "done"), seqs)
+        pipe.hmget(part(ref0.group_id, ref0.stage, "err"), seqs)
+        for job_id in ids:
+            pipe.get(result_key_prefix + job_id)
+            pipe.exists(in_progress_key_prefix + job_id)
+        opens, dones, errs, *arq = await pipe.execute()
+    results = [
+        _job_result(ids[i], opens[i], dones[i], errs[i], arq[2 * i], arq[2 * i + 1], deserializer)
+        for i in range(len(ids))
+    ]
+    deadline = time.monotonic() + settle
+    while (
+        waiting := [i for i, r in enumerate(results) if r.reason == "being_written"]
+    ) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for i in waiting:
+                pipe.get(result_key_prefix + ids[i])
+                pipe.exists(in_progress_key_prefix + ids[i])
+            again = await pipe.execute()
+        for k, i in enumerate(waiting):
+            results[i] = _job_result(ids[i], None, dones[i], errs[i], again[2 * k], again[2 * k + 1], deserializer)
+    return results
+
+
+# Why a retry was refused, by the reply code of retry_jobs.lua.
+_NOT_RETRYABLE = {
+    "group_ended": "its group has ended (an ended group, kept readable, takes no changes)",
+    "stage:complete": "its stage is complete; a failed job is retried while its stage runs (other jobs of "
+    "the stage still open): a stage completes once its last job is final, and the group moves on",
+    "stage:cancelled": "its stage was cancelled",
+    "stage:pending": "its stage has not started",
+    "busy": "the worker is still writing the end of its failed try; retry in a moment",
+}
+
+
+def retry_refusal(code: str) -> str:
+    """The reason a retry_jobs.lua reply code stands for."""
+    if code.startswith("not_failed:"):
+        return f"it is {code.removeprefix('not_failed:')}, not failed (only a failed job is retried)"
+    if code.startswith("bad_spec:"):
+        return f"its stored spec cannot be sent to arq: {code.removeprefix('bad_spec:')}"
+    return _NOT_RETRYABLE.get(code, code)
 
 
 class StagedJob:
@@ -243,6 +413,50 @@ class StagedJob:
             raise StageNotRunning(ref.group_id, ref.stage)
         if outcome in ("final", "busy"):
             raise JobNotPending(str(self.id), (await self.status()).value)
+
+    async def outcome(self, *, settle: float = RESULT_SETTLE) -> JobResult:
+        """What the job gave, as a JobResult (see its doc for the reasons a value is
+        missing); never raises for a missing result. Works after the job's group ended and
+        was deleted while arq still keeps the result."""
+        if self.blank:
+            raise JobNotFound("(a job that is not part of a stage)")
+        store, ref = self._bound()
+        await store.flush()
+        (result,) = await read_results(store, [ref], settle)
+        return result
+
+    async def result(self, *, settle: float = RESULT_SETTLE) -> Any:
+        """The job's result: what its function returned, read from arq's kept result
+        (``arq:result:<id>``), which arq keeps for ``keep_result`` seconds (3600 by
+        default; ``keep_result_forever``; per function with ``arq.func(...,
+        keep_result=)``). Raises JobFailed (with the job's error) for a failed job, and
+        ResultNotAvailable with ``reason`` ``not_final``, ``cancelled``, ``not_kept``,
+        ``being_written``, ``unreadable`` or ``gone`` otherwise (see JobResult). A job
+        astages records as ended whose result arq is still writing is waited for, up
+        to ``settle`` seconds."""
+        return (await self.outcome(settle=settle)).unwrap()
+
+    async def retry(self) -> None:
+        """Run a failed job again: it goes back to ``queued`` and to arq under the same id
+        (a new arq record and queue entry, due now; arq's kept result and try counter for
+        the id are cleared, so arq runs it from try 1 with its full ``max_tries``); its
+        error is dropped, the stage's counters move (one failure less, one retry more), and
+        a job event (failed to queued, ``retry``) is written; all in one atomic call.
+
+        Allowed while the job's stage runs and its group has not ended: a stage completes
+        once its last job is final, so a failed job is retried while other jobs of its
+        stage are still open. A job that fails again is a new failure for the failure
+        policy (it counts the stage's failed jobs at that moment); ``on_failure`` callbacks
+        still fire once per group. Otherwise raises NotRetryable with the reason (a job
+        that is not failed, a stage complete, cancelled or not started, an ended group, or
+        a failed try whose end arq is still writing), or JobNotFound."""
+        store, ref = self._bound()
+        code = text(await store.run("retry_jobs", ref.group_id, ref.stage, str(ref.seq)))
+        if code == "retried":
+            return
+        if code in ("gone", "job_gone", "stage_gone"):
+            raise JobNotFound(str(self.id))
+        raise NotRetryable(f"job {self.id!r}", retry_refusal(code))
 
     async def delete(self) -> Motion:
         """Delete the job; a job not yet started leaves arq's queue. Deleting the last

@@ -20,10 +20,11 @@ from astages.exceptions import (
     InvalidQueue,
     InvalidSchedule,
     InvalidStageName,
+    NotRetryable,
     StageComplete,
     StageNotFound,
 )
-from astages.job import StagedJob
+from astages.job import RESULT_SETTLE, JobResult, StagedJob, read_results, retry_refusal
 from astages.models import (
     MAX_DELAY_MS,
     MAX_TIME_MS,
@@ -322,6 +323,36 @@ class StagedGroupStage(Coroutine[Any, Any, "StagedGroupStage"]):
             for seq, spec in zip(seqs, specs, strict=True)
         ]
 
+    async def results(
+        self, offset: int = 0, limit: int | None = None, *, settle: float = RESULT_SETTLE
+    ) -> list[JobResult]:
+        """What the stage's jobs gave, one JobResult per job in enqueue order (a page of
+        them with ``offset``/``limit``): two round trips per page (the page's job seqs,
+        then their statuses, errors and arq's kept results ``arq:result:<id>`` in one
+        pipeline), whatever the stage's size. ``result.value`` is a successful job's
+        return value while arq keeps it (``keep_result``, 3600 s by default, or
+        ``keep_result_forever``); otherwise ``result.reason`` says why there is none
+        (failed, with ``result.error``; not_final, cancelled, not_kept, being_written,
+        unreadable; see JobResult). A job astages records as ended whose result arq is
+        still writing (a later stage can start just before arq writes the result of the
+        earlier stage's last job) is waited for, up to ``settle`` seconds.
+
+        A stage's results are readable while its group lives (or is kept with
+        ``keep_for``): read them from a job of a later stage (fan out, then aggregate),
+        or from a stage callback. A missing stage raises StageNotFound."""
+        await self._store.flush()
+        stop = -1 if limit is None else offset + limit - 1
+        if limit is not None and limit <= 0:
+            return []
+        async with self._store.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._key())
+            pipe.lrange(self._key("jobs"), offset, stop)
+            exists, seqs = await pipe.execute()
+        if not exists:
+            raise StageNotFound(self.group.id, self.number)
+        refs = [JobRef(self.group.id, self.number, int(seq)) for seq in seqs]
+        return await read_results(self._store, refs, settle)
+
     async def job_statuses(self, jobs: Sequence[StagedJob]) -> list[tuple[str, int, str]]:
         """(status, tries, message) for each of ``jobs`` (jobs of this stage), in one round trip."""
         await self._store.flush()
@@ -487,6 +518,24 @@ class StagedGroupStage(Coroutine[Any, Any, "StagedGroupStage"]):
             raise_code(reply, self.group.id, self.number)
 
         await self._made_first(run)
+
+    async def retry_failed(self) -> int:
+        """Retry every failed job of the stage in one atomic call (see ``StagedJob.retry``
+        for what a retry does) and return how many were retried. Allowed while the stage
+        runs and its group has not ended (NotRetryable otherwise; StageNotFound,
+        GroupNotFound). A failed job whose try arq is still writing the end of (a few
+        ms after its failure), or whose stored spec cannot be sent, stays failed and is
+        not counted: call again."""
+        reply = await self._store.run("retry_jobs", self.group.id, self.number, "*")
+        if isinstance(reply, list):
+            return int(reply[1])
+        code = text(reply)
+        if code == "gone":
+            raise GroupNotFound(self.group.id)
+        if code == "stage_gone":
+            raise StageNotFound(self.group.id, self.number)
+        reason = retry_refusal(code).replace("its stage", "the stage").replace("its group", "the group")
+        raise NotRetryable(f"stage {self.number} of group {self.group.id!r}", reason)
 
     async def delete(self) -> Motion:
         """Delete the stage and its jobs (jobs not yet started leave arq's queue). A

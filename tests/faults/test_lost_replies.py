@@ -237,6 +237,18 @@ async def retry_waiting(redis: ArqRedis) -> dict[str, Any]:
     return ctx
 
 
+async def job_retry(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await job_of(redis, ctx, 1, 0)).retry()
+
+
+async def job_retry_not_failed(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await job_of(redis, ctx, 1, 1)).retry()
+
+
+async def stage_retry_failed(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await stage_of(redis, ctx, 1)).retry_failed()
+
+
 async def job_message(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await job_of(redis, ctx, 1, 1)).set_status_message("half way")
 
@@ -290,6 +302,9 @@ CASES = [
     Case("job.enqueue_job, job waiting for its retry", retry_waiting, job_enqueue),
     Case("job.enqueue_job, job of a pending stage (raises)", pending, job_enqueue_pending_stage),
     Case("job.set_status_message", running, job_message),
+    Case("job.retry, failed job of a running stage", one_failed, job_retry),
+    Case("job.retry, job not failed (raises)", one_failed, job_retry_not_failed),
+    Case("stage.retry_failed", one_failed, stage_retry_failed),
 ]
 
 

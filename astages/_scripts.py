@@ -43,7 +43,21 @@ SEND_LIMIT = 1000
 # report, sending a big stage on) or by the maintenance passes (the sweeper's probe,
 # nudge and unindex, the Cleaner's repair): they pay nothing for lost replies. Every
 # other script runs once per call (see the module doc).
-REPEATABLE = frozenset({"start_job", "finish_job", "probe_jobs", "send_more", "nudge", "repair_group", "unindex"})
+REPEATABLE = frozenset(
+    {
+        "start_job",
+        "finish_job",
+        "start_jobs",
+        "finish_jobs",
+        "claim_jobs",
+        "end_jobs",
+        "probe_jobs",
+        "send_more",
+        "nudge",
+        "repair_group",
+        "unindex",
+    }
+)
 
 
 def _once(body: str) -> str:

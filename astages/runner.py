@@ -54,13 +54,15 @@ import ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.logs import default_log_config
-from arq.utils import import_string, timestamp_ms
-from arq.worker import Worker, check_health, get_kwargs
+from arq.utils import import_string, ms_to_datetime, timestamp_ms
+from arq.worker import JobExecutionFailed, RetryJob, Worker, check_health, get_kwargs
+from arq.worker import Retry as ArqRetry
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
@@ -69,6 +71,9 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:
+    from astages._keys import JobRef, Keys
 
 __all__ = ["HardenedWorker", "create_worker", "reconnecting", "reconnecting_client", "run_worker", "transient"]
 
@@ -159,6 +164,10 @@ def reconnecting_client(redis: ArqRedis) -> ArqRedis:
     )
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and the errors it was raised from or while handling."""
     chain: list[BaseException] = []
@@ -192,6 +201,32 @@ def _delay(failures: int) -> float:
 # context each job task is created with, so that arq's bookkeeping, called inside the
 # task, can tell whether a write whose reply was lost took effect.
 _RUN: contextvars.ContextVar[tuple[bytes, float]] = contextvars.ContextVar("astages_run")
+# How long arq keeps a job's retry counter (s), as arq does.
+RETRY_COUNTER_S = 88400
+_NO_RESULT = object()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Claim:
+    """A staged job the lean claim took: what arq's run_job would read first."""
+
+    ref: JobRef
+    payload: bytes | None
+    job_try: int
+    aborted: bool
+    verdict: str
+
+
+def _lean_keys(functions: dict[str, Any]) -> Keys | None:
+    """The key layout of astages' wrapped functions when every function of the worker is
+    one (settings from ``astages.worker_settings``); None otherwise: no lean path."""
+    from astages.worker import RUNTIME_ATTR
+
+    runtimes = [getattr(f.coroutine, RUNTIME_ATTR, None) for f in functions.values() if not hasattr(f, "next_run")]
+    if not runtimes or any(r is None for r in runtimes):
+        return None
+    keys: Keys = getattr(runtimes[0], "keys")  # noqa: B009 - typed Any
+    return keys if all(getattr(r, "keys").prefix == keys.prefix for r in runtimes) else None  # noqa: B009
 
 
 class HardenedWorker(Worker):
@@ -204,8 +239,50 @@ class HardenedWorker(Worker):
         # each claim adds a number, so a mark names one run of one job
         self.token = f"astages:{uuid.uuid4().hex}".encode()
         self._claims = itertools.count(1)
+        # the lean path for staged jobs (see _start_lean), when the settings are astages'
+        self.lean_keys = _lean_keys(self.functions)
+        self._claimed: dict[str, _Claim] = {}
+        self._ender: Any = None
+        # set by a report that queued jobs (a new stage, a retry): poll at once, or as soon
+        # as a slot is free (arq's poll takes no job while every slot is taken)
+        self._wake = asyncio.Event()
+        self._wake_pending = False
+        from astages.worker import CTX_WAKE
+
+        self.ctx[CTX_WAKE] = self.wake
 
     async def _poll_iteration(self) -> None:
+        """One poll (see ``_poll_once``); then, until ``poll_delay`` has passed, another one
+        each time a report queued jobs (a stage started, a job to retry), so the worker
+        whose report started a stage takes its jobs at once (arq then sleeps what is left
+        of ``poll_delay``: nothing)."""
+        started = self.loop.time()
+        await self._poll_once()
+        while not self.burst:
+            left = self.poll_delay_s - (self.loop.time() - started)
+            if left <= 0:
+                return
+            if not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    return
+            self._wake.clear()
+            self._wake_pending = False
+            await self._poll_once()
+
+    def wake(self) -> None:
+        """Poll at once (or when a slot frees): jobs were queued by this worker's report."""
+        self._wake_pending = True
+        if self.job_counter < self.max_jobs:
+            self._wake.set()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        if self._wake_pending:
+            self._wake.set()
+
+    async def _poll_once(self) -> None:
         self._reap_failed_tasks()
         try:
             await super()._poll_iteration()
@@ -242,30 +319,318 @@ class HardenedWorker(Worker):
         """arq's start_jobs, with the slot given back on a Redis error and the job's
         in-progress mark written with this worker's token, so that a connection dropped
         while the mark was being written is resolved by reading it back: the job runs
-        here if the mark is ours, and is left alone otherwise."""
+        here if the mark is ours, and is left alone otherwise.
+
+        Staged jobs (with astages' settings) take the lean path instead: the jobs due in
+        this poll are taken as many at a time as there are free slots, with one script
+        call per group (``_start_lean``)."""
+        staged: list[tuple[str, JobRef]] = []
         for job_id_b in job_ids:
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
-            self.job_counter += 1
             job_id = job_id_b.decode()
-            try:
-                claim = await self._claim(job_id)
-            except REDIS_FAILURES:
-                self.job_counter -= 1
-                self.sem.release()
-                raise
-            if claim is None:
-                self.job_counter -= 1
-                self.sem.release()
+            ref = None if self.lean_keys is None else self.lean_keys.parse_job_id(job_id)
+            if ref is not None:
+                staged.append((job_id, ref))
                 continue
-            mark, score = claim
-            run = contextvars.copy_context()
-            run.run(_RUN.set, (mark, score))
-            task = self.loop.create_task(self.run_job(job_id, int(score)), context=run)
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            if staged:
+                if not await self._start_lean(staged):
+                    return
+                staged = []
+            if not await self._start_one(job_id):
+                return
+        if staged:
+            await self._start_lean(staged)
+
+    async def _take_slot(self) -> bool:
+        """Wait for a free slot and take it; False when the worker has max_jobs already."""
+        await self.sem.acquire()
+        if self.job_counter >= self.max_jobs:
+            self.sem.release()
+            return False
+        self.job_counter += 1
+        return True
+
+    def _give_slot(self) -> None:
+        self.job_counter -= 1
+        self.sem.release()
+
+    def _spawn(self, job_id: str, mark: bytes, score: float) -> None:
+        """Run the job in a task of its own that knows its run (see _RUN)."""
+        run = contextvars.copy_context()
+        run.run(_RUN.set, (mark, score))
+        task = self.loop.create_task(self.run_job(job_id, int(score)), context=run)
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
+
+    async def _start_one(self, job_id: str) -> bool:
+        """Take one job the way arq does (with this run's own mark); False when the
+        worker has max_jobs already."""
+        if not await self._take_slot():
+            return False
+        try:
+            claim = await self._claim(job_id)
+        except REDIS_FAILURES:
+            self._give_slot()
+            raise
+        if claim is None:
+            self._give_slot()
+            return True
+        self._spawn(job_id, *claim)
+        return True
+
+    async def _start_lean(self, jobs: list[tuple[str, JobRef]]) -> bool:
+        """Take staged jobs: wait for one free slot, take every slot free at that moment
+        (up to the jobs left), and claim that many jobs with one ``claim_jobs`` call per
+        group; again until every job was tried. False when the worker has max_jobs."""
+        i = 0
+        while i < len(jobs):
+            if not await self._take_slot():
+                return False
+            take = [jobs[i]]
+            i += 1
+            while i < len(jobs) and not self.sem.locked() and self.job_counter < self.max_jobs:
+                await self.sem.acquire()  # free: returns at once
+                self.job_counter += 1
+                take.append(jobs[i])
+                i += 1
+            groups: dict[str, list[tuple[str, JobRef]]] = {}
+            for job in take:
+                groups.setdefault(job[1].group_id, []).append(job)
+            batches = list(groups.values())
+            for k, batch in enumerate(batches):
+                try:
+                    await self._claim_lean(batch)
+                except BaseException:
+                    for _ in (job for later in batches[k + 1 :] for job in later):
+                        self._give_slot()
+                    raise
+        return True
+
+    async def _claim_lean(self, jobs: list[tuple[str, JobRef]]) -> None:
+        """One ``claim_jobs`` call for jobs of one group, each holding a slot: each job
+        taken runs in a task (``_run_lean``), a slot not used is given back. When the call
+        fails on a Redis error, the marks are read back: a job whose mark is ours was
+        taken and runs the way arq runs a job; the others are left (a failure to read
+        them back propagates, and a mark of ours then expires as after a crash)."""
+        from astages._scripts import Store
+
+        assert self.lean_keys is not None
+        marks = [b"%s:%d" % (self.token, next(self._claims)) for _ in jobs]
+        flat: list[Any] = []
+        for (job_id, ref), mark in zip(jobs, marks, strict=True):
+            flat += [job_id, ref.stage, ref.seq, mark]
+        store = Store(self.pool, self.lean_keys)
+        args = (self.queue_name, timestamp_ms(), int(self.in_progress_timeout_s * 1000), int(self.allow_abort_jobs))
+        try:
+            replies = await store.run_now("claim_jobs", jobs[0][1].group_id, *args, len(jobs), *flat)
+        except REDIS_FAILURES as e:
+            try:
+                current = await self.pool.mget([in_progress_key_prefix + job_id for job_id, _ in jobs])
+                scores = [await self.pool.zscore(self.queue_name, job_id) for job_id, _ in jobs]
+            except BaseException:
+                for _ in jobs:
+                    self._give_slot()
+                raise e from None
+            for (job_id, _), mark, cur, score in zip(jobs, marks, current, scores, strict=True):
+                if cur == mark and score is not None:
+                    logger.info("job %s: claimed despite a Redis error while claiming it", job_id)
+                    self._spawn(job_id, mark, float(score))  # not in _claimed: arq's run_job
+                else:
+                    self._give_slot()
+            return
+        for (job_id, ref), mark, reply in zip(jobs, marks, replies, strict=True):
+            if not reply:
+                self._give_slot()
+                continue
+            score, payload, job_try, aborted, verdict = reply
+            self._claimed[job_id] = _Claim(ref, payload or None, int(job_try), bool(aborted), _text(verdict))
+            self._spawn(job_id, mark, float(score))
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, or ``_run_lean`` for a job the lean claim took."""
+        claim = self._claimed.pop(job_id, None)
+        if claim is None:
+            await super().run_job(job_id, score)
+        else:
+            await self._run_lean(job_id, score, claim)
+
+    async def _run_lean(self, job_id: str, score: int, claim: _Claim) -> None:
+        """Run a staged job the lean claim took, as arq's worker runs a job (same ctx,
+        hooks, timeout, retry and abort handling, result and counters), with what arq
+        reads first (payload, try, abort request) and astages' start from the claim, and
+        arq's bookkeeping and astages' report in one ``end_jobs`` call after it."""
+        from astages.worker import CTX_LEAN, CTX_VERDICT
+
+        start_ms = timestamp_ms()
+        job_try = claim.job_try
+        function_name, enqueue_time_ms = "<unknown>", 0
+        args: tuple[Any, ...] = ()
+        kwargs: dict[str, Any] = {}
+
+        async def not_run(exc: BaseException) -> None:
+            # as arq fails a job it cannot run: no hook; astages records the failure
+            self.jobs_failed += 1
+            data = serialize_result(
+                function_name, args, kwargs, job_try, enqueue_time_ms, False, exc, start_ms, timestamp_ms(),
+                f"{job_id}:{function_name}", self.queue_name, job_id=job_id, serializer=self.job_serializer,
+            )  # fmt: skip
+            await asyncio.shield(self._not_run(job_id, claim.ref, job_try, data, exc))
+
+        if claim.payload is None:
+            logger.warning("job %s expired", job_id)
+            return await not_run(JobExecutionFailed("job expired"))
+        try:
+            function_name, args, kwargs, enqueue_try, enqueue_time_ms = deserialize_job_raw(
+                claim.payload, deserializer=self.job_deserializer
+            )
+        except SerializationError as e:
+            logger.exception("deserializing job %s failed", job_id)
+            return await not_run(e)
+        if claim.aborted:
+            logger.info("%s:%s aborted before start", job_id, function_name)
+            return await not_run(asyncio.CancelledError())
+        function = self.functions.get(function_name)
+        if function is None:
+            logger.warning("job %s, function %r not found", job_id, function_name)
+            return await not_run(JobExecutionFailed(f"function {function_name!r} not found"))
+        ref = f"{job_id}:{function_name}"
+        if enqueue_try and enqueue_try > job_try:
+            job_try = enqueue_try
+            await self.pool.setex(retry_key_prefix + job_id, RETRY_COUNTER_S, str(job_try))
+        max_tries = self.max_tries if function.max_tries is None else function.max_tries
+        if job_try > max_tries:
+            logger.warning("%s max retries %d exceeded", ref, max_tries)
+            return await not_run(JobExecutionFailed(f"max {max_tries} retries exceeded"))
+
+        ctx = {
+            **self.ctx,
+            "job_id": job_id,
+            "job_try": job_try,
+            "enqueue_time": ms_to_datetime(enqueue_time_ms),
+            "score": score,
+            CTX_VERDICT: claim.verdict,
+            CTX_LEAN: True,
+        }
+        if self.on_job_start:
+            await self.on_job_start(ctx)
+        result: Any = _NO_RESULT
+        finish = success = False
+        incr_score: int | None = None
+        timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        start_ms = timestamp_ms()
+        logger.info("→ %s try=%d", ref, job_try)
+        try:
+            self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
+            try:
+                result = await asyncio.wait_for(task, timeout_s)
+            finally:
+                del self.job_tasks[job_id]
+        except (Exception, asyncio.CancelledError) as e:
+            finished_ms = timestamp_ms()
+            if self.retry_jobs and isinstance(e, ArqRetry):
+                incr_score = e.defer_score + (timestamp_ms() - score) if e.defer_score else e.defer_score
+                logger.info("↻ %s retrying job in %0.2fs", ref, (e.defer_score or 0) / 1000)
+                self.jobs_retried += 1
+            elif job_id in self.aborting_tasks and isinstance(e, asyncio.CancelledError):
+                logger.info("⊘ %s aborted", ref)
+                result, finish = e, True
+                self.aborting_tasks.remove(job_id)
+                self.jobs_failed += 1
+            elif self.retry_jobs and isinstance(e, asyncio.CancelledError | RetryJob):
+                logger.info("↻ %s cancelled, will be run again", ref)
+                self.jobs_retried += 1
+            else:
+                logger.exception("! %s failed, %s: %s", ref, type(e).__name__, e)
+                result, finish = e, True
+                self.jobs_failed += 1
+        else:
+            success = finish = True
+            finished_ms = timestamp_ms()
+            logger.info("← %s ●", ref)
+            self.jobs_complete += 1
+
+        forever = self.keep_result_forever if function.keep_result_forever is None else function.keep_result_forever
+        keep_s = self.keep_result_s if function.keep_result_s is None else function.keep_result_s
+        result_data = None
+        if result is not _NO_RESULT and (forever or keep_s > 0):
+            result_data = serialize_result(
+                function_name, args, kwargs, job_try, enqueue_time_ms, success, result, start_ms, finished_ms,
+                ref, self.queue_name, job_id=job_id, serializer=self.job_serializer,
+            )  # fmt: skip
+        if self.on_job_end:
+            await self.on_job_end(ctx)
+        await asyncio.shield(self._end_lean(ctx, claim.ref, finish, result_data, keep_s, forever, incr_score))
+        if self.after_job_end:
+            await self.after_job_end(ctx)
+
+    async def _not_run(self, job_id: str, ref: JobRef, job_try: int, data: bytes | None, exc: BaseException) -> None:
+        """arq's bookkeeping for a staged job it cannot run, then astages' report of it."""
+        from astages._scripts import Store
+        from astages.worker import CTX_REDIS, describe_error
+
+        await self.finish_failed_job(job_id, data)
+        assert self.lean_keys is not None
+        try:
+            store = Store(self.ctx.get(CTX_REDIS) or self.pool, self.lean_keys)
+            await store.move("finish_job", ref.group_id, ref.stage, ref.seq, job_try, "f", describe_error(exc))
+        except RedisError:
+            logger.warning("job %s: could not report that it did not run; the sweeper will", job_id, exc_info=True)
+
+    async def _end_lean(
+        self,
+        ctx: dict[str, Any],
+        ref: JobRef,
+        finish: bool,
+        result_data: bytes | None,
+        keep_s: float | None,
+        forever: bool,
+        incr_score: int | None,
+    ) -> None:
+        """arq's bookkeeping after the run and astages' report of its outcome (if the
+        wrapper knew it) in one ``end_jobs`` call, shared with the jobs of the group that
+        end in the same event-loop turn. On a Redis error arq's bookkeeping is done again
+        once it is known not to have taken effect (as after arq's own), and the report
+        is left to after_job_end."""
+        from astages.worker import CTX_OUTCOME, CTX_REPORTED
+
+        job_id: str = ctx["job_id"]
+        outcome, error = ("", "") if ctx.get(CTX_REPORTED) else ctx.get(CTX_OUTCOME) or ("", "")
+        px = "" if forever or keep_s is None else int(keep_s * 1000)
+        end: tuple[Any, ...] = (
+            job_id,
+            ref.stage,
+            ref.seq,
+            ctx["job_try"],
+            int(finish),
+            (finish and result_data) or b"",
+        )
+        end += (px, incr_score or "", outcome, error)
+        try:
+            await self._end_jobs().end(ref.group_id, end)
+        except Exception as error:
+            e = error
+            writes, applied = self._finish_plan(job_id, finish, result_data, keep_s, forever, incr_score, None)
+            if not transient(e):
+                logger.error(
+                    "job %s: end_jobs failed (%s: %s); arq's own bookkeeping instead", job_id, type(e).__name__, e
+                )
+                await self.finish_job(job_id, finish, result_data, keep_s, forever, incr_score, None)
+                return
+
+            async def lost() -> None:
+                raise e
+
+            await self._bookkeep(job_id, lost(), writes, applied)
+            return
+        if outcome:
+            ctx[CTX_REPORTED] = True
+
+    def _end_jobs(self) -> Any:
+        if self._ender is None:
+            from astages.worker import CTX_REDIS, EndJobs
+
+            assert self.lean_keys is not None
+            self._ender = EndJobs(self.pool, self.ctx.get(CTX_REDIS), self.lean_keys, self.queue_name, self.wake)
+        return self._ender
 
     async def _claim(self, job_id: str) -> tuple[bytes, float] | None:
         """Mark the job in progress (as arq does, but with a mark of this run's own); the
@@ -304,6 +669,26 @@ class HardenedWorker(Worker):
     ) -> None:
         """arq's bookkeeping after a run, done again after a dropped connection if it did not
         take effect (see ``_again``)."""
+        writes, applied = self._finish_plan(
+            job_id, finish, result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress
+        )
+        first = super().finish_job(
+            job_id, finish, result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress
+        )
+        await self._bookkeep(job_id, first, writes, applied)
+
+    def _finish_plan(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> tuple[Callable[[Pipeline], None], Callable[[bytes | None, float | None, float | None], bool]]:
+        """arq's bookkeeping after a run as writes to a transaction, and how to tell from
+        the job's mark and queue entry (and its score when taken) that it took effect."""
 
         def writes(pipe: Pipeline) -> None:
             mark_key = in_progress_key_prefix + job_id
@@ -328,10 +713,7 @@ class HardenedWorker(Worker):
                 return score is None or queued != score  # it moves in the queue
             return keep_in_progress is None and mark is None  # only its mark goes
 
-        first = super().finish_job(
-            job_id, finish, result_data, result_timeout_s, keep_result_forever, incr_score, keep_in_progress
-        )
-        await self._bookkeep(job_id, first, writes, applied)
+        return writes, applied
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq's bookkeeping for a job that failed without running (expired, unknown,

@@ -40,7 +40,7 @@ from arq.worker import Function, RetryJob, func
 from redis.exceptions import RedisError
 
 from astages._keys import DEFAULT_PREFIX, CallbackRef, JobRef, Keys
-from astages._scripts import Store, text
+from astages._scripts import Motion, Store, raise_code, text
 from astages.exceptions import CorruptRecord, JobNotRun, RetriesExhausted
 from astages.job import CTX_JOB, StagedJob
 from astages.models import GroupSummary
@@ -63,6 +63,16 @@ CTX_MAX_TRIES = "astages_max_tries"
 CTX_SWEEPER = "astages_sweeper"
 # worker ctx key of astages' own client (with the retry policy arq's pool does not get)
 CTX_REDIS = "astages_redis"
+# worker ctx key of the Coalescer that shares script calls between jobs
+CTX_COALESCE = "astages_coalesce"
+# worker ctx key of a callable that makes the worker poll at once (astages worker only)
+CTX_WAKE = "astages_wake"
+# job ctx keys of the lean path (astages worker): the verdict its claim script gave,
+# and that its outcome is reported by the script that does arq's bookkeeping
+CTX_VERDICT = "astages_verdict"
+CTX_LEAN = "astages_lean"
+# the attribute a wrapped function's coroutine carries (what astages worker looks for)
+RUNTIME_ATTR = "_astages_runtime"
 
 ARQ_DEFAULT_MAX_TRIES = 5
 ERROR_LIMIT = 4_000
@@ -90,11 +100,143 @@ class _Runtime:
     queue_name: str
 
 
+class Coalescer:
+    """Per-job script calls of one worker made within one event-loop turn share one script
+    call per group: starts go as one ``start_jobs`` call, reports as one ``finish_jobs``
+    call (each applies start_job.lua's / finish_job.lua's transition per job, in order,
+    and returns each job's own reply). A lone call uses the single-job script.
+
+    A caller waits for its own reply; a caller cancelled meanwhile (a timeout) leaves the
+    call to go on for the others (its report, if lost to it, is settled by after_job_end:
+    every per-job transition is idempotent). An error fails every caller of that call, as
+    the single call would have. ``wake`` (if set) is called when a report moved a group
+    on to a new stage or queued a retry, so the worker polls at once."""
+
+    def __init__(self, redis: Any, keys: Keys, wake: Callable[[], None] | None = None) -> None:
+        self.store = Store(redis, keys)
+        self.wake = wake
+        self._pending: dict[tuple[str, str], list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, ref: JobRef, job_try: int) -> str:
+        """start_job's verdict for try ``job_try`` of ``ref``."""
+        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try)))
+
+    async def finish(self, ref: JobRef, job_try: int, outcome: str, error: str) -> Motion:
+        """finish_job's motion for try ``job_try`` of ``ref``."""
+        motion: Motion = await self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error))
+        return motion
+
+    def _call(self, kind: str, group_id: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)  # after every callback of this turn
+        self._pending.setdefault((kind, group_id), []).append((args, fut))
+        return fut
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (kind, group_id), calls in pending.items():
+            task = asyncio.get_running_loop().create_task(self._send(kind, group_id, calls))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, kind: str, group_id: str, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._batch(kind, group_id, [args for args, _ in calls])
+        except BaseException as e:
+            for _, fut in calls:
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, fut), reply in zip(calls, replies, strict=True):
+            if not fut.done():
+                fut.set_result(reply)
+
+    async def _batch(self, kind: str, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """One script call for the ``calls`` of one kind and group: each call's reply."""
+        if kind == "start":
+            return await self._starts(group_id, calls)
+        return list(await self._finishes(group_id, calls))
+
+    async def _send_on(self, group_id: str, motions: list[Motion]) -> None:
+        """Send on the stage a report started (in chunks), and wake the worker when a
+        report queued jobs (a new stage, a retry)."""
+        last = motions[-1]
+        while last.unsent > 0:
+            reply = await self.store.run_now("send_more", group_id)
+            raise_code(reply, group_id, None)
+            last = Motion.of(reply)
+        if self.wake is not None and any(m.outcome in ("running", "retry") for m in motions):
+            self.wake()
+
+    async def _starts(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+        if len(calls) == 1:
+            return [await self.store.run("start_job", group_id, *calls[0])]
+        flat = [a for args in calls for a in args]
+        return list(await self.store.run_now("start_jobs", group_id, len(calls), *flat))
+
+    async def _finishes(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Motion]:
+        if len(calls) == 1:
+            motions = [await self.store.move("finish_job", group_id, *calls[0])]
+        else:
+            flat = [a for args in calls for a in args]
+            replies = await self.store.run_now("finish_jobs", group_id, len(calls), *flat)
+            motions = [Motion.of(r) for r in replies]
+        await self._send_on(group_id, motions)
+        return motions
+
+
+class EndJobs(Coalescer):
+    """astages worker's lean path: the ends of staged runs of one worker in one event-loop
+    turn share one ``end_jobs`` call per group (arq's bookkeeping and astages' report,
+    see lua/end_jobs.lua). It goes through arq's pool, as arq's own bookkeeping does (no
+    retry policy: a lost reply is resolved by the caller); sending a stage on goes
+    through astages' own client."""
+
+    def __init__(self, arq_pool: Any, own: Any, keys: Keys, queue_name: str, wake: Callable[[], None]) -> None:
+        super().__init__(own or arq_pool, keys, wake)
+        self.arq = Store(arq_pool, keys)
+        self.queue_name = queue_name
+
+    async def end(self, group_id: str, args: tuple[Any, ...]) -> Motion:
+        """End one run: ``args`` as one job's arguments of end_jobs.lua."""
+        motion: Motion = await self._call("end", group_id, args)
+        return motion
+
+    async def _batch(self, kind: str, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+        if kind != "end":
+            return await super()._batch(kind, group_id, calls)
+        flat = [a for args in calls for a in args]
+        replies = await self.arq.run_now("end_jobs", group_id, self.queue_name, len(calls), *flat)
+        motions = [Motion.of(r) for r in replies]
+        await self._send_on(group_id, motions)
+        return motions
+
+
+async def _start(ctx: dict[str, Any], store: Store, ref: JobRef, job_try: int) -> str:
+    coalescer: Coalescer | None = ctx.get(CTX_COALESCE)
+    if coalescer is not None:
+        return await coalescer.start(ref, job_try)
+    return text(await store.run("start_job", ref.group_id, ref.stage, ref.seq, job_try))
+
+
 async def _report(ctx: dict[str, Any], store: Store, ref: JobRef, outcome: str, error: str = "") -> None:
-    """Report a try's outcome; on a Redis error leave it in ctx for after_job_end."""
+    """Report a try's outcome; on a Redis error leave it in ctx for after_job_end. On the
+    lean path (astages worker) it is only left in ctx: the script that does arq's
+    bookkeeping after the job reports it."""
     ctx[CTX_OUTCOME] = (outcome, error)
+    if ctx.get(CTX_LEAN):
+        return
+    coalescer: Coalescer | None = ctx.get(CTX_COALESCE)
     try:
-        await store.move("finish_job", ref.group_id, ref.stage, ref.seq, ctx["job_try"], outcome, error)
+        if coalescer is not None:
+            await coalescer.finish(ref, ctx["job_try"], outcome, error)
+        else:
+            await store.move("finish_job", ref.group_id, ref.stage, ref.seq, ctx["job_try"], outcome, error)
     except RedisError:
         logger.warning("could not report %s of job %s; will retry after the job", outcome, ctx["job_id"], exc_info=True)
         return
@@ -117,6 +259,7 @@ def _wrap(function: Function, runtime: _Runtime) -> Function:
         return await _run_staged(ctx, ref, function.name, coroutine, max_tries, runtime, args, kwargs)
 
     functools.update_wrapper(run, coroutine)
+    setattr(run, RUNTIME_ATTR, runtime)  # astages worker's lean path looks for it
     return Function(
         name=function.name,
         coroutine=run,
@@ -152,11 +295,13 @@ async def _run_staged(
     job_try = int(ctx["job_try"])
     ctx[CTX_REF] = ref
     ctx[CTX_MAX_TRIES] = max_tries
-    try:
-        verdict = text(await store.run("start_job", ref.group_id, ref.stage, ref.seq, job_try))
-    except RedisError:
-        logger.warning("could not mark job %s running; running it anyway", ctx["job_id"], exc_info=True)
-        verdict = "run"
+    verdict = ctx.get(CTX_VERDICT)  # the lean path's claim marked it running already
+    if verdict is None:
+        try:
+            verdict = await _start(ctx, store, ref, job_try)
+        except RedisError:
+            logger.warning("could not mark job %s running; running it anyway", ctx["job_id"], exc_info=True)
+            verdict = "run"
     if verdict != "run":
         # 'final': arq delivered again a job that already ended (a crash after its report,
         # a cancel racing its pick-up); 'gone': it, its stage or its group was deleted. The
@@ -263,6 +408,7 @@ def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: floa
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx[CTX_REDIS] = reconnecting_client(ctx["redis"])
+        ctx[CTX_COALESCE] = Coalescer(ctx[CTX_REDIS], Keys(prefix), ctx.get(CTX_WAKE))
         if hook is not None:
             await hook(ctx)  # the user's own start-up failing stops the worker, as in arq
         if not interval:
@@ -290,6 +436,7 @@ def _shutdown(hook: Hook | None) -> Hook:
             if hook is not None:
                 await hook(ctx)
         finally:
+            ctx.pop(CTX_COALESCE, None)
             own = ctx.pop(CTX_REDIS, None)
             if own is not None:
                 await own.aclose(close_connection_pool=True)

@@ -130,6 +130,34 @@ def stats_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, i
 
 
 @dataclass
+class RedisCost:
+    """What the Redis server did between ``start`` and ``stop`` (server-wide): commands run
+    (scripts and the commands they run each count), their time, and the server's CPU."""
+
+    commands: int = 0
+    command_us: int = 0
+    cpu_us: float = 0.0
+
+    @classmethod
+    async def _read(cls, redis: ArqRedis) -> RedisCost:
+        stats = await redis.info("commandstats")
+        cpu = await redis.info("cpu")
+        return cls(
+            sum(int(v["calls"]) for v in stats.values()),
+            sum(int(v["usec"]) for v in stats.values()),
+            (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6,
+        )
+
+    @classmethod
+    async def start(cls, redis: ArqRedis) -> RedisCost:
+        return await cls._read(redis)
+
+    async def stop(self, redis: ArqRedis) -> RedisCost:
+        now = await self._read(redis)
+        return RedisCost(now.commands - self.commands, now.command_us - self.command_us, now.cpu_us - self.cpu_us)
+
+
+@dataclass
 class Run:
     """One job run, as a benchmark worker noted it."""
 
@@ -144,7 +172,8 @@ class Run:
 
 
 class Workers:
-    """``count`` worker processes of one kind (``plain`` or ``astages``) serving ``queue``.
+    """``count`` worker processes of one kind (``plain``; ``astages``: arq's Worker with
+    astages' settings; ``lean``: ``astages worker``) serving ``queue``.
 
     ``async with Workers(...) as w:`` starts them and waits until each is polling; leaving
     stops them (SIGINT, as an operator would), after which ``w.runs`` holds every job run

@@ -67,7 +67,10 @@ def plot(path: Path | None, results: dict[str, Any] | None = None, out: Path | N
             gaps = d["gaps_ms"]
             if gaps:
                 ax.hist(gaps, bins=20, alpha=0.6, label=name)
-        ax.axvline(15, color="red", linestyle=":", label="target (poll_delay + 5 ms)")
+        ref = t["data"].get("arq, stage by stage", {}).get("gaps_ms")
+        if ref:
+            ref = sorted(ref)
+            ax.axvline(ref[len(ref) // 2], color="red", linestyle=":", label="target (arq's median gap)")
         ax.set_xlabel("ms from the last job of a stage to the first job of the next")
         ax.set_title("Stage gap")
         ax.legend(fontsize=7)
@@ -77,8 +80,15 @@ def plot(path: Path | None, results: dict[str, Any] | None = None, out: Path | N
     if t:
         data = t["data"]
         counts = [int(k) for k in data]
-        for name, style in (("astages", "o-"), ("arq, stage by stage", "s--"), ("arq, no stages (floor)", "^:")):
-            ax.plot(counts, [data[str(k)][name]["jobs_per_s"] for k in counts], style, label=name)
+        lines = (
+            ("astages via arq", "o-"),
+            ("astages worker", "D-"),
+            ("arq, stage by stage", "s--"),
+            ("arq, no stages (floor)", "^:"),
+        )
+        for name, style in lines:
+            if all(name in data[str(k)] for k in counts):
+                ax.plot(counts, [data[str(k)][name]["jobs_per_s"] for k in counts], style, label=name)
         ax.set_xticks(counts)
         ax.set_ylim(bottom=0)
         ax.set_xlabel("worker processes")

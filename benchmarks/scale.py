@@ -1,7 +1,8 @@
 """Target 6: the staged workload on 1, 2 and 4 worker processes.
 
-Each worker count runs astages (3 stages, one ``stage.enqueue`` per job) and plain arq
-(stage by stage, and with no stages), one side at a time so the other side's idle
+Each worker count runs astages (3 stages, one ``stage.enqueue`` per job; run by arq's
+Worker, and by ``astages worker``) and plain arq (stage by stage, and with no stages),
+one side at a time so the other side's idle
 workers do not poll beside it. Every run is checked for jobs run twice or missing and
 for a stage starting before the previous one ended; worker logs are checked for errors.
 """
@@ -13,7 +14,8 @@ from typing import Any
 from benchmarks.common import Config, Table
 from benchmarks.throughput import measure
 
-ASTAGES = ["astages"]
+ASTAGES = ["astages via arq"]
+LEAN = ["astages worker"]
 PLAIN = ["arq, stage by stage", "arq, no stages (floor)"]
 
 
@@ -25,34 +27,40 @@ async def run(cfg: Config) -> list[Table]:
     for k in counts:
         res = await measure(reps, stages, per_stage, workers=k, variants=PLAIN)
         res_a = await measure(reps, stages, per_stage, workers=k, variants=ASTAGES)
-        errors = res.pop("_errors") + res_a.pop("_errors")
-        warnings = res.pop("_warnings") + res_a.pop("_warnings")
-        results[k] = {**res, **res_a, "_errors": errors, "_warnings": warnings}
+        res_l = await measure(reps, stages, per_stage, workers=k, variants=LEAN)
+        errors = res.pop("_errors") + res_a.pop("_errors") + res_l.pop("_errors")
+        warnings = res.pop("_warnings") + res_a.pop("_warnings") + res_l.pop("_warnings")
+        results[k] = {**res, **res_a, **res_l, "_errors": errors, "_warnings": warnings}
     t = Table(
         f"Scale-out: {stages} x {per_stage:,} jobs on {', '.join(map(str, counts))} worker processes "
         f"(jobs/s, median of {reps.reps})",
         [
             "workers",
-            "astages",
+            "astages via arq",
+            "astages worker",
             "arq stage by stage",
             "arq no stages",
-            "astages / arq time",
+            "via arq / arq time",
+            "astages worker / arq time",
             "run twice",
             "order broken",
             "errors",
         ],
     )
     for k, res in results.items():
-        a, p, f = res["astages"], res["arq, stage by stage"], res["arq, no stages (floor)"]
+        a, w, p = res["astages via arq"], res["astages worker"], res["arq, stage by stage"]
+        f = res["arq, no stages (floor)"]
         t.rows.append(
             [
                 k,
                 a["jobs_per_s"],
+                w["jobs_per_s"],
                 p["jobs_per_s"],
                 f["jobs_per_s"],
                 round(a["median_s"] / p["median_s"], 3),
-                a["wrong_count"] + a["missing"] + p["wrong_count"] + p["missing"],
-                a["overlaps"] + p["overlaps"],
+                round(w["median_s"] / p["median_s"], 3),
+                sum(r["wrong_count"] + r["missing"] for r in (a, w, p)),
+                a["overlaps"] + w["overlaps"] + p["overlaps"],
                 len(res["_errors"]),
             ]
         )

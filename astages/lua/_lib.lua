@@ -564,6 +564,78 @@ local function after_job_left(n, now)
   return advance(now)
 end
 
+-- A worker picked up try `try` of job seq of stage n (start_job.lua, start_jobs.lua,
+-- claim_jobs.lua). Returns 'run' (now running), or why it must not run: 'gone' (no such
+-- job, stage or group) or 'final' (it finished already; arq re-delivered it).
+local function start_one(n, seq, try)
+  if redis.call('EXISTS', G) == 0 then return 'gone' end
+  local sk = stage_key(n)
+  if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return 'final' end
+  local cur = redis.call('HGET', sk .. ':open', seq)
+  if not cur then return 'gone' end
+  local code = 'r' .. try
+  if cur ~= code then
+    redis.call('HSET', sk .. ':open', seq, code)
+    count(sk, cur, code)
+    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'running', 'try', try})
+  end
+  return 'run'
+end
+
+-- Report the outcome of try `try` of job seq of stage n (finish_job.lua, finish_jobs.lua,
+-- end_jobs.lua): outcome is 's' (successful), 'f' (failed, err the error) or 'e' (will be
+-- re-run). A failure that breaches the failure policy stops the group (see stop_group).
+-- Idempotent: a report for a job already final, or older than the job's latest try,
+-- changes nothing. Returns {outcome, stage, jobs still to send} where outcome is
+-- 'gone', 'dup', 'stale', 'retry', 'open' (stage still has open jobs), 'complete',
+-- 'running' (the group moved on to a stage) or 'finished' (the group is done).
+local function finish_one(n, seq, try, outcome, err)
+  if redis.call('EXISTS', G) == 0 then return {'gone', '', 0} end
+  local sk = stage_key(n)
+  if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return {'dup', n, 0} end
+  local cur = redis.call('HGET', sk .. ':open', seq)
+  if not cur then return {'gone', n, 0} end
+  if try_of(cur) > try then return {'stale', n, 0} end
+  if outcome == 'e' then
+    local code = 'e' .. try
+    if cur == code then return {'dup', n, 0} end
+    redis.call('HSET', sk .. ':open', seq, code)
+    count(sk, cur, code)
+    redis.call('HINCRBY', sk, 'retried', 1)
+    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'pending_re_run', 'try', try})
+    return {'retry', n, 0}
+  end
+  redis.call('HDEL', sk .. ':open', seq)
+  local code = outcome .. try
+  redis.call('HSET', sk .. ':done', seq, code)
+  count(sk, cur, code)
+  local now = now_ms()
+  if outcome == 'f' then
+    redis.call('HSET', sk .. ':err', seq, err)
+  end
+  follow_ttl(sk .. ':done', sk .. ':err')  -- after the writes: PEXPIRE of a missing key does nothing
+  if outcome == 'f' then
+    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'failed', 'try', try,
+      'error', string.sub(err, 1, 200)})
+    if redis.call('HSETNX', G, 'failed_once', now) == 1 then fire('failure', 'running', now) end
+    if not group_final() and policy_breached(n) then return stop_group(now, 'failed') end
+  else
+    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'successful', 'try', try})
+  end
+  return after_job_left(n, now)
+end
+
+-- In a batch (start_jobs, finish_jobs, claim_jobs, end_jobs), what one job's transition
+-- read once for the call (the group's TTL and events cap) is read again for the next job
+-- after a transition that moved the group on (finishing it may keep it with a new TTL).
+local function batch_step(reply)
+  local o = type(reply) == 'table' and reply[1] or reply
+  if o ~= 'open' and o ~= 'retry' and o ~= 'dup' and o ~= 'stale' and o ~= 'run' then
+    group_pttl = nil
+    events_cap = nil
+  end
+end
+
 -- A call a user makes (every script but a worker's per-job reports and the maintenance
 -- passes, see REPEATABLE in astages/_scripts.py) has the effect of one call however often it is
 -- sent: a reply lost on a dropped connection makes the client's retry policy send the

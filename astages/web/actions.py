@@ -359,6 +359,17 @@ async def cancel_stage(request: Request) -> Response:
     )
 
 
+async def retry_failed(request: Request) -> Response:
+    async def work() -> Outcome:
+        _, stage = await _stage(request)
+        retried = await stage.retry_failed()
+        if retried == 0:
+            return Outcome(f"Nothing done: stage {stage.number} has no failed job to retry now.", "error")
+        return Outcome(f"Retried {_jobs(retried)} of stage {stage.number}: sent to arq again.")
+
+    return await _act(request, work, confirm="Retry every failed job of this stage?")
+
+
 # -- a job --------------------------------------------------------------------------------
 
 
@@ -392,3 +403,12 @@ async def delete_job(request: Request) -> Response:
         return Outcome(_moved(motion, f"Deleted job {job.function}"), go=go)
 
     return await _act(request, work, confirm="Delete this job?")
+
+
+async def retry_job(request: Request) -> Response:
+    async def work() -> Outcome:
+        job = await _job(request)
+        await job.retry()
+        return Outcome(f"Retried job {job.function}: sent to arq's queue {job.queue_name!r} again.")
+
+    return await _act(request, work)

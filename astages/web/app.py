@@ -93,6 +93,15 @@ def create_app(
             "/groups/{group_id}/stages/{number}/jobs/{seq}/queue", actions.queue_job, methods=["POST"], name="queue_job"
         ),
         Route(
+            "/groups/{group_id}/stages/{number}/retry-failed",
+            actions.retry_failed,
+            methods=["POST"],
+            name="retry_failed",
+        ),
+        Route(
+            "/groups/{group_id}/stages/{number}/jobs/{seq}/retry", actions.retry_job, methods=["POST"], name="retry_job"
+        ),
+        Route(
             "/groups/{group_id}/stages/{number}/jobs/{seq}/delete",
             actions.delete_job,
             methods=["POST"],

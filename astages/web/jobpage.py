@@ -62,6 +62,11 @@ class JobDetail:
         return self.info.status.value == "pending" and self.stage_status == "running"
 
     @property
+    def retryable(self) -> bool:
+        """Retry Job applies: a failed job of a running stage (see ``StagedJob.retry``)."""
+        return self.info.status.value == "failed" and self.stage_status == "running"
+
+    @property
     def live(self) -> bool:
         """Handed to arq and not final: queued, running or waiting for a retry."""
         return self.info.status.queued

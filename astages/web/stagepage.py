@@ -152,6 +152,11 @@ class StagePage(StageView):
         """Initiate and Cancel Stage apply: neither the stage nor its group has ended."""
         return not self.status.ended and not self.group_status.ended
 
+    @property
+    def retryable(self) -> bool:
+        """Retry Failed applies: a running stage of a live group with failed jobs."""
+        return self.status is StageStatus.RUNNING and not self.group_status.ended and self.progress.failed > 0
+
     def as_json(self) -> dict[str, Any]:
         return {
             "group": {"id": self.group_id, "description": self.group_description, "status": self.group_status.value},

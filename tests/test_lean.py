@@ -1,0 +1,214 @@
+"""Issue 11: the per-job script calls shared between jobs (the arq path's coalesced starts
+and reports) and ``astages worker``'s lean path (one claim_jobs and one end_jobs call per
+batch of staged jobs), with every guarantee of the single-job scripts kept."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import arq.worker
+import pytest
+from arq import Retry
+from arq.connections import ArqRedis
+from arq.constants import default_queue_name
+from arq.jobs import Job
+from helpers import wait_for
+
+import astages
+from astages._keys import Keys
+from astages._scripts import Store
+from astages.runner import HardenedWorker
+
+RAN: list[tuple[str, int]] = []
+
+
+async def step(ctx: dict[str, Any], tag: str) -> str:
+    RAN.append((tag, ctx["job_try"]))
+    return tag
+
+
+async def flaky(ctx: dict[str, Any], tag: str) -> str:
+    RAN.append((tag, ctx["job_try"]))
+    if ctx["job_try"] == 1:
+        raise Retry(defer=0)
+    return tag
+
+
+async def broken(ctx: dict[str, Any], tag: str) -> str:
+    RAN.append((tag, ctx["job_try"]))
+    raise ValueError(f"broken {tag}")
+
+
+async def done(ctx: dict[str, Any], summary: Any) -> str:
+    RAN.append((f"done {summary.outcome}", ctx["job_try"]))
+    return str(summary.outcome)
+
+
+async def plain(ctx: dict[str, Any], x: int) -> int:
+    RAN.append((f"plain {x}", ctx["job_try"]))
+    return 2 * x
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    RAN.clear()
+
+
+@pytest.fixture
+def scripts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the astages scripts called, in order."""
+    called: list[str] = []
+    real = Store.run_now
+
+    async def run_now(self: Store, name: str, group_id: str, *args: Any) -> Any:
+        called.append(name)
+        return await real(self, name, group_id, *args)
+
+    monkeypatch.setattr(Store, "run_now", run_now)
+    return called
+
+
+def settings(**options: Any) -> dict[str, Any]:
+    options.setdefault("sweep_interval", 0)
+    return astages.worker_settings(functions=[step, flaky, broken, plain, done], handle_signals=False, **options)
+
+
+async def run_hardened(redis: ArqRedis, **options: Any) -> None:
+    """Burst HardenedWorkers until arq's queue stays empty (a burst can end between stages)."""
+    for _ in range(20):
+        worker = HardenedWorker(**settings(**options), redis_pool=redis, burst=True, poll_delay=0, max_jobs=20)
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+        if not await redis.zcard(default_queue_name):
+            return
+
+
+async def run_arq(redis: ArqRedis, **options: Any) -> None:
+    for _ in range(20):
+        worker = arq.worker.Worker(**settings(**options), redis_pool=redis, burst=True, poll_delay=0, max_jobs=20)
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+        if not await redis.zcard(default_queue_name):
+            return
+
+
+async def test_coalesced_calls_keep_each_jobs_transition(redis: ArqRedis, scripts: list[str]) -> None:
+    """Starts and reports made together share one script call and each gets the single script's reply."""
+    from astages.worker import Coalescer
+
+    async with astages.within_a_grouping(redis, "coalesced") as group:
+        first = await (await group.stage(1)).enqueue_many([(step, (str(i),)) for i in range(3)])
+        await (await group.stage(2)).enqueue(step, "later")
+    refs = [job.ref for job in first]
+    assert all(ref is not None for ref in refs)
+    a, b, c = refs  # type: ignore[misc]
+    woke: list[int] = []
+    coalescer = Coalescer(redis, Keys(), lambda: woke.append(1))
+    scripts.clear()
+    assert await asyncio.gather(*(coalescer.start(ref, 1) for ref in refs)) == ["run"] * 3
+    assert scripts == ["start_jobs"]
+    scripts.clear()
+    motions = await asyncio.gather(
+        coalescer.finish(a, 1, "s", ""),
+        coalescer.finish(a, 1, "s", ""),  # a duplicate report
+        coalescer.finish(b, 0, "s", ""),  # a stale one (try 1 runs)
+        coalescer.finish(b, 1, "e", ""),  # a retry
+        coalescer.finish(c, 1, "f", "boom"),
+    )
+    assert [m.outcome for m in motions] == ["open", "dup", "stale", "retry", "open"]
+    assert scripts == ["finish_jobs"] and woke == [1]
+    assert await coalescer.start(a, 2) == "final"  # re-delivered after its end: refused
+    assert await coalescer.start(b, 2) == "run"
+    assert (await coalescer.finish(b, 2, "s", "")).outcome == "running"  # the last one starts stage 2
+    progress = await group.stage(1).progress()
+    assert (progress.successful, progress.failed, progress.retried) == (2, 1, 1)
+    assert await group.stage(2).status() is astages.StageStatus.RUNNING
+
+
+async def test_astages_worker_takes_and_ends_staged_jobs_in_batches(real_redis: ArqRedis, scripts: list[str]) -> None:
+    """astages worker runs staged jobs with claim_jobs/end_jobs calls (not one start and one report each),
+    keeps arq's results, and runs a plain job on the same queue the way arq does."""
+    async with astages.within_a_grouping(real_redis, "lean") as group:
+        first = await (await group.stage(1)).enqueue_many([(step, (f"1-{i}",)) for i in range(30)])
+        await (await group.stage(2)).enqueue_many([(step, (f"2-{i}",)) for i in range(5)])
+    await real_redis.enqueue_job("plain", 21, _job_id="a-plain-job")
+    scripts.clear()
+    await run_hardened(real_redis)
+    expected = [(f"1-{i}", 1) for i in range(30)] + [(f"2-{i}", 1) for i in range(5)] + [("plain 21", 1)]
+    assert sorted(RAN) == sorted(expected)
+    assert not await group.exists()
+    assert set(scripts) <= {"claim_jobs", "end_jobs", "send_more"}
+    assert scripts.count("claim_jobs") < 10 and scripts.count("end_jobs") < 20  # 35 staged jobs
+    assert await Job("a-plain-job", real_redis).result(timeout=1) == 42
+    info = await Job(first[0].id or "", real_redis).result_info()
+    assert info is not None and info.success and info.result == "1-0" and info.job_try == 1
+
+
+async def outcomes(redis: ArqRedis, run: Any) -> tuple[Any, ...]:
+    """Run one mixed workload with ``run``; what astages and arq made of it."""
+    async with astages.within_a_grouping(redis, "mixed") as group:
+        s1 = await group.stage(1)
+        jobs = await s1.enqueue_many([(step, ("a",)), (flaky, ("b",)), (broken, ("c",)), (step, ("d",))])
+        jobs += await (await group.stage(2)).enqueue_many([(flaky, ("e",)), (step, ("f",))])
+        await group.on_complete(done)
+    await run(redis, keep_result=60)
+    await wait_for(lambda: _gone(group), what="the group to finish")
+    results = []
+    for job in jobs:
+        info = await Job(job.id or "", redis).result_info()
+        assert info is not None
+        results.append((info.function, info.success, info.job_try, repr(info.result)))
+    return tuple(sorted(RAN)), tuple(results)
+
+
+async def _gone(group: astages.StagedGroup) -> bool:
+    return not await group.exists()
+
+
+async def test_astages_worker_ends_jobs_as_arqs_worker_does(real_redis: ArqRedis) -> None:
+    """The same workload (success, Retry, failure, a callback) gives the same runs and arq results
+    on astages worker's lean path as on arq's own Worker with astages' hooks."""
+    with_arq = await outcomes(real_redis, run_arq)
+    RAN.clear()
+    await real_redis.flushdb()
+    lean = await outcomes(real_redis, run_hardened)
+    assert lean == with_arq
+    assert ("b", 2) in lean[0] and ("c", 1) in lean[0] and ("done complete", 1) in lean[0]
+
+
+async def test_astages_worker_refuses_a_redelivered_final_job(real_redis: ArqRedis) -> None:
+    """A staged job whose record is final, delivered again by arq, does not run on the lean path."""
+    async with astages.within_a_grouping(real_redis, "again", keep_for=60) as group:
+        (job,) = await (await group.stage(1)).enqueue_many([(step, ("once",))])
+        await (await group.stage(2)).enqueue(step, "two")
+    await run_hardened(real_redis)
+    assert sorted(RAN) == [("once", 1), ("two", 1)]
+    await real_redis.delete(f"arq:result:{job.id}")
+    assert await real_redis.enqueue_job("step", "once", _job_id=job.id) is not None
+    await run_hardened(real_redis)
+    assert sorted(RAN) == [("once", 1), ("two", 1)]
+    info = await Job(job.id or "", real_redis).result_info()
+    assert info is not None and not info.success and "already ended" in str(info.result)
+
+
+async def test_astages_worker_takes_the_next_stage_at_once(real_redis: ArqRedis) -> None:
+    """astages worker whose report started a stage polls at once instead of after poll_delay."""
+    async with astages.within_a_grouping(real_redis, "gap") as group:
+        for n in (1, 2, 3):
+            await (await group.stage(n)).enqueue_many([(step, (f"{n}-{i}",)) for i in range(3)])
+    worker = HardenedWorker(**settings(), redis_pool=real_redis, poll_delay=3.0)
+    task = asyncio.ensure_future(worker.main())
+    try:
+        await wait_for(lambda: _gone(group), within=2.5, what="all three stages in less than one poll_delay")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+    assert len(RAN) == 9

@@ -19,6 +19,12 @@ job run is therefore watched from three places:
    timeout) is read from arq's result, as the worker itself does.
 
 The latest try of a job wins; a report for an older try than the record shows is ignored.
+
+Callback runs (``on_complete``, ``on_success``, ``on_failure``, stage callbacks) are kept
+too, from the same wrappers and hook (``GroupRun.callbacks``). A callback whose function
+the worker does not have never reaches a hook (arq fails it at pick-up): it is found from
+the group's registered callbacks before the run and from arq's kept results after it, and
+``run_group`` raises ``CallbackNotRegistered`` naming it.
 """
 
 from __future__ import annotations
@@ -34,21 +40,23 @@ from typing import Any, cast
 from arq import Retry
 from arq.connections import ArqRedis
 from arq.constants import default_queue_name, result_key_prefix
-from arq.jobs import deserialize_result
+from arq.jobs import deserialize_job_raw, deserialize_result
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, RetryJob, Worker, func
 from redis.exceptions import RedisError
 
 from astages._connection import connect, fake_redis, safe_url
-from astages._keys import DEFAULT_PREFIX, Keys
+from astages._keys import DEFAULT_PREFIX, CallbackRef, Keys
 from astages.exceptions import AstagesError, GroupNotFound, JobNotFound, RetriesExhausted
 from astages.group import StagedGroup
 from astages.job import StagedJob
-from astages.models import JobStatus, StageProgress
+from astages.models import GroupSummary, JobStatus, StageProgress, decode_spec
 from astages.stage import StagedGroupStage
 from astages.worker import describe_error, worker_settings
 
 __all__ = [
+    "CallbackNotRegistered",
+    "CallbackRun",
     "GroupNotInitiated",
     "GroupRun",
     "GroupStuck",
@@ -100,6 +108,28 @@ class JobOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class CallbackRun:
+    """One run of a group's callback: ``event`` is ``complete``, ``success``, ``failure``
+    or ``stage.<n>``; ``args`` are the callback's own arguments (after the summary it
+    receives, kept in ``summary``); ``status`` is successful or failed, with ``error``."""
+
+    id: str
+    event: str
+    function: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    status: JobStatus
+    error: str | None
+    summary: GroupSummary | None
+    finished_at: float  # epoch seconds
+
+    @property
+    def function_missing(self) -> bool:
+        """arq failed it because the worker has no function by its name."""
+        return self.error is not None and f"function {self.function!r} not found" in self.error
+
+
+@dataclass(frozen=True, slots=True)
 class StageSummary:
     """One stage of a finished run: job counts and how long it took."""
 
@@ -129,6 +159,11 @@ class GroupRun:
     description: str
     jobs: tuple[JobOutcome, ...]
     elapsed: float  # seconds the run took
+    callbacks: tuple[CallbackRun, ...] = ()  # in the order they ended
+
+    def callback(self, event: str) -> tuple[CallbackRun, ...]:
+        """The runs of the callbacks of ``event`` (``complete``, ``stage.2``, ...)."""
+        return tuple(run for run in self.callbacks if run.event == event)
 
     def stage(self, number: int) -> tuple[JobOutcome, ...]:
         """The jobs of stage ``number``, in enqueue order."""
@@ -192,6 +227,22 @@ class GroupNotInitiated(AstagesError):
         )
 
 
+class CallbackNotRegistered(AstagesError):
+    """Callbacks of the group name functions the worker was not given: arq fails such a
+    callback at pick-up without running it. ``missing`` holds (callback, function name);
+    ``run`` is the finished run (None when found before running)."""
+
+    def __init__(self, group_id: str, missing: Sequence[tuple[str, str]], run: GroupRun | None = None) -> None:
+        self.group_id = group_id
+        self.missing = list(missing)
+        self.run = run
+        names = ", ".join(f"{callback} -> {function!r}" for callback, function in self.missing)
+        super().__init__(
+            f"group {group_id!r} has callbacks whose function the worker does not have ({names}): "
+            "arq fails them without running them; pass those functions to run_group (the worker's functions)"
+        )
+
+
 class GroupStuck(AstagesError):
     def __init__(self, group_id: str, queue: str, details: Sequence[str]) -> None:
         self.group_id = group_id
@@ -227,6 +278,7 @@ class _Recorder:
     retry_jobs: bool
     user_hook: Hook | None
     entries: dict[str, JobOutcome] = field(default_factory=dict)
+    callbacks: dict[str, CallbackRun] = field(default_factory=dict)
 
     def inner(self, function: Function) -> Function:
         """Wrap the user's function: note the call and read the message once it ends."""
@@ -275,8 +327,61 @@ class _Recorder:
             if self.user_hook is not None:
                 await self.user_hook(ctx)
 
+    def _record_callback(self, job_id: str, callback: CallbackRef, ctx: dict[str, Any]) -> None:
+        if CTX_CALL not in ctx:
+            return
+        name, args, kwargs = ctx[CTX_CALL]
+        summary = args[0] if args and isinstance(args[0], GroupSummary) else None
+        status, error = ctx.get(CTX_VERDICT) or (JobStatus.FAILED, "cancelled or timed out")
+        self.callbacks[job_id] = CallbackRun(
+            id=job_id,
+            event=callback.event,
+            function=name,
+            args=tuple(args[1:] if summary is not None else args),
+            kwargs=dict(kwargs),
+            status=status,
+            error=error,
+            summary=summary,
+            finished_at=time.time(),
+        )
+
+    async def unrun_callbacks(self) -> None:
+        """Callbacks of the group arq ended without a hook (function not found, ...),
+        read from arq's kept results."""
+        pattern = result_key_prefix + self.keys.job_id_base(self.group_id) + "cb:*"
+        deserializer = getattr(self.redis, "job_deserializer", None)
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
+            job_id = key.decode().removeprefix(result_key_prefix)
+            callback = self.keys.parse_callback_id(job_id)
+            if callback is None or job_id in self.callbacks:
+                continue
+            try:
+                result = deserialize_result(await self.redis.get(key), deserializer=deserializer)
+            except Exception:  # gone or unreadable: nothing to report on
+                continue
+            error = None if result.success else describe_error(result.result)
+            self.callbacks[job_id] = CallbackRun(
+                id=job_id,
+                event=callback.event,
+                function=result.function,
+                args=tuple(result.args[1:]) if result.args else (),
+                kwargs=dict(result.kwargs),
+                status=JobStatus.SUCCESSFUL if result.success else JobStatus.FAILED,
+                error=error if isinstance(result.result, BaseException) else str(result.result) or error,
+                summary=None,
+                finished_at=result.finish_time.timestamp(),
+            )
+
+    def callback_runs(self) -> tuple[CallbackRun, ...]:
+        return tuple(sorted(self.callbacks.values(), key=lambda run: run.finished_at))
+
     async def _record(self, ctx: dict[str, Any]) -> None:
         job_id = str(ctx.get("job_id", ""))
+        callback = self.keys.parse_callback_id(job_id)
+        if callback is not None:
+            if callback.group_id == self.group_id:
+                self._record_callback(job_id, callback, ctx)
+            return
         ref = self.keys.parse_job_id(job_id)
         if ref is None or ref.group_id != self.group_id or CTX_CALL not in ctx:
             return  # not this group's, or astages did not run it (final already, or deleted)
@@ -344,6 +449,22 @@ def _rewrap(function: Function, run: Callable[..., Awaitable[Any]]) -> Function:
         keep_result_forever=function.keep_result_forever,
         max_tries=function.max_tries,
     )
+
+
+async def _registered_callbacks(group: StagedGroup) -> list[tuple[str, str]]:
+    """(callback, function name) of every callback registered on the group now."""
+    store = group.store
+    raw = await store.redis.hgetall(store.keys.callbacks(group.id))
+    deserializer = getattr(store.redis, "job_deserializer", None)
+    out = []
+    for field_, spec in raw.items():
+        try:
+            _, _, payload = decode_spec(spec)
+            function = deserialize_job_raw(payload, deserializer=deserializer)[0]
+        except Exception:  # an unusable spec is skipped when fired (and reported then)
+            continue
+        out.append((field_.decode() if isinstance(field_, bytes) else str(field_), str(function)))
+    return sorted(out)
 
 
 # -- driving the worker ---------------------------------------------------------------
@@ -431,6 +552,7 @@ async def run_group(
     prefix: str | None = None,
     timeout: float = 60.0,  # noqa: ASYNC109 - checked between ticks, so a timeout can say what is open
     fast_forward: bool = True,
+    check_callbacks: bool = True,
     **worker_options: Any,
 ) -> GroupRun:
     """Run ``group`` to completion with in-process arq burst workers and return how each
@@ -445,9 +567,16 @@ async def run_group(
     next deferred jobs in the queue (a ``Retry(defer=...)``, ``enqueue_in``,
     ``enqueue_at``) are brought forward to now, in their order.
 
+    The returned ``GroupRun`` has every job's outcome (``jobs``) and every callback run
+    (``callbacks``: event, function, arguments, status, error, the summary it received).
+
     Raises ``GroupNotInitiated`` for a group still being filled, ``GroupStuck`` when the
     queue is empty but the group has open jobs, ``GroupTimeout`` after ``timeout``
-    seconds, and ``GroupNotFound`` for a group that does not exist."""
+    seconds, and ``GroupNotFound`` for a group that does not exist. With
+    ``check_callbacks`` (the default) it raises ``CallbackNotRegistered`` before running
+    when a callback registered on the group names a function not in ``functions``, and
+    after the run when a callback added during it was failed by arq for that reason (its
+    ``run`` attribute then holds the GroupRun)."""
     started = time.monotonic()
     if isinstance(group, str):
         group = await StagedGroup.load(redis, group, prefix=prefix or DEFAULT_PREFIX)
@@ -472,6 +601,11 @@ async def run_group(
         **options,
     )
     settings["functions"] = [recorder.outer(f) for f in settings["functions"]]
+    if check_callbacks:
+        known = {function.name for function in settings["functions"]}
+        missing = [(cb, name) for cb, name in await _registered_callbacks(group) if name not in known]
+        if missing:
+            raise CallbackNotRegistered(group.id, missing)
     deadline = started + timeout
     while True:
         worker = Worker(**settings, redis_pool=redis, burst=True, handle_signals=False)
@@ -501,4 +635,11 @@ async def run_group(
         if await _over(group):
             break
         raise GroupStuck(group.id, queue, await _describe_open(group))
-    return GroupRun(group.id, group.description, recorder.outcomes(), time.monotonic() - started)
+    await recorder.unrun_callbacks()
+    run = GroupRun(
+        group.id, group.description, recorder.outcomes(), time.monotonic() - started, recorder.callback_runs()
+    )
+    missing = [(cb.event, cb.function) for cb in run.callbacks if cb.function_missing]
+    if check_callbacks and missing:
+        raise CallbackNotRegistered(group.id, missing, run)
+    return run

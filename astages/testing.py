@@ -15,7 +15,10 @@ Fixtures (async; they need pytest-asyncio):
 ``run_group(redis, group, functions, **worker_options)`` runs a group to completion with
 in-process arq burst workers (deferred retries fast-forwarded, no real waiting) and
 returns a ``GroupRun``: every job's final status, tries, status message and error, in
-stage and enqueue order. A finished group deletes itself, records included, so the
+stage and enqueue order, and every callback run (``run.callbacks``: event, function,
+status, error, the summary it received). A callback naming a function the worker was not
+given raises ``CallbackNotRegistered`` (pass ``check_callbacks=False`` to only see it
+failed in ``run.callbacks``). A finished group deletes itself, records included, so the
 outcomes are collected while the group runs; see ``astages._inprocess`` for how.
 """
 
@@ -30,6 +33,8 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from astages._inprocess import (
+    CallbackNotRegistered,
+    CallbackRun,
     GroupNotInitiated,
     GroupRun,
     GroupStuck,
@@ -43,6 +48,8 @@ from astages._inprocess import (
 
 __all__ = [
     "REDIS_URL_ENV",
+    "CallbackNotRegistered",
+    "CallbackRun",
     "GroupNotInitiated",
     "GroupRun",
     "GroupStuck",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from arq.constants import (
     default_queue_name,
@@ -127,3 +129,24 @@ async def test_retry_refusals(real_redis):
     with pytest.raises(NotRetryable, match="group has ended"):
         await job.retry()
     assert await job.status() is JobStatus.FAILED
+
+
+async def test_race_concurrent_retries_retry_once(real_redis):
+    """Many retries of one failed job at once: exactly one retries it, the others are refused."""
+    async with astages.within_a_grouping(real_redis, "race") as group:
+        jobs = await group.stage(1).enqueue_many([(flaky, (i,)) for i in range(2)])
+    ref = jobs[0].ref
+    assert ref is not None
+    await group.store.run("start_job", group.id, 1, ref.seq, 1)
+    await group.store.move("finish_job", group.id, 1, ref.seq, 1, "f", "boom")
+    outcomes = await asyncio.gather(
+        *(jobs[0].retry() for _ in range(10)),
+        *(group.stage(1).retry_failed() for _ in range(10)),
+        return_exceptions=True,
+    )
+    won = [o for o in outcomes if o is None or o == 1]
+    assert len(won) == 1
+    assert all(isinstance(o, NotRetryable) or o == 0 for o in outcomes if o not in won)
+    progress = await group.stage(1).progress()
+    assert (progress.failed, progress.queued, progress.retried) == (0, 2, 1)
+    assert await real_redis.zcard(default_queue_name) == 2

@@ -156,6 +156,7 @@ async def test_every_script_survives_script_flush(real_redis, name):
         "end_jobs": ("arq:queue", 1, jobs[0].id, 1, ref.seq, 1, 0, "", "", "", "", ""),
         "set_message": (1, ref.seq, "m"),
         "enqueue_job": (1, ref.seq),
+        "retry_jobs": (1, ref.seq),
         "delete_job": (1, ref.seq),
         "delete_stage": (1,),
         "cancel_stage": (1,),

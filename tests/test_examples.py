@@ -3,6 +3,7 @@ worker` against a real server, and the FastAPI app that mounts the dashboard."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -83,3 +84,14 @@ async def test_the_fastapi_example_mounts_the_dashboard(redis_server: Any, monke
             page = await client.get("/stages/")
             assert page.status_code == 200 and "astages" in page.text
             assert (await client.get("/stages/api/groups")).json()["groups"] == []
+
+
+def test_every_python_block_of_the_readme_compiles() -> None:
+    """No python block in the README has a syntax error (the runnable ones run above and
+    in tests/testing/test_plugin.py)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)
+    assert len(blocks) >= 5
+    for indent, block in blocks:
+        code = "\n".join(line.removeprefix(indent) for line in block.splitlines())
+        compile(code, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)

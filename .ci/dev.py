@@ -3,6 +3,7 @@
     python3 .ci/dev.py demo [astages demo options]   # the demo (no Redis server needed)
     python3 .ci/dev.py test [pytest options]         # the tests
     python3 .ci/dev.py lint                          # ruff and mypy (CI runs it before the tests)
+    python3 .ci/dev.py docs [mkdocs build options]   # the documentation site, built --strict into site/
 
 Both make (or reuse) a virtual environment in ``.venv`` and install the project into it
 (``.[dev]`` for the tests). ``test`` also installs Debian's ``chromium`` for the browser
@@ -95,10 +96,18 @@ def lint(args: list[str]) -> int:
     return 0
 
 
+def docs(args: list[str]) -> int:
+    """Build the documentation site (mkdocs.yml, docs/) with --strict: any warning fails."""
+    install("docs")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about its successor
+    command = [str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(ROOT / "site"), *args]
+    return subprocess.call(command, cwd=ROOT, env=env)
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 11):  # noqa: UP036 - any python3 may run this file
         raise SystemExit("[dev] astages needs Python 3.11 or newer")
-    commands = {"demo": demo, "test": test, "lint": lint}
+    commands = {"demo": demo, "test": test, "lint": lint, "docs": docs}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

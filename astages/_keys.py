@@ -87,6 +87,17 @@ class Keys:
         reply was lost gets it back instead of acting again (see once() in _lib.lua)."""
         return f"{self.prefix}:reply:{token}"
 
+    @property
+    def totals(self) -> str:
+        """Hash of the jobs (successful, failed, cancelled, retried) of every group that
+        ended or was deleted, added once per group as it goes (see lua/_lib.lua)."""
+        return f"{self.prefix}:totals"
+
+    @property
+    def series(self) -> str:
+        """Capped stream of cumulative job counts, one sample per sweeper pass (astages.ops)."""
+        return f"{self.prefix}:series"
+
     def pattern(self) -> str:
         """SCAN pattern matching every key astages owns under this prefix."""
         return f"{self.prefix}:*"

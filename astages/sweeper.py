@@ -33,7 +33,8 @@ Cost: a pass reads the index of *live* groups (finished groups delete themselves
 leave it), two round trips per running group, and per running stage its open jobs in
 batches of ``batch``, one read-only script call per batch that returns only the jobs
 arq no longer holds (``probe_jobs.lua``). It never grows with the number of finished
-groups.
+groups. At its end a pass samples the prefix's cumulative job counts into
+``<prefix>:series`` (``astages.ops.sample``: O(groups + stages)), the dashboard's charts.
 Several sweepers at once are harmless (every settlement is an idempotent script; a
 stale or duplicate one changes nothing); the periodic loop also takes a lock so that
 the workers of one Redis sweep about once per interval between them.
@@ -60,6 +61,7 @@ from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Store, text
 from astages.exceptions import AstagesError, GroupNotFound
 from astages.models import decode_spec
+from astages.ops import sample
 
 __all__ = ["DEFAULT_GRACE", "DEFAULT_INTERVAL", "SweepReport", "Sweeper", "lock_key", "suspects_key", "sweep"]
 
@@ -207,6 +209,7 @@ class Sweeper:
             if cursor == 0:
                 break
         suspects = await self._forget_resolved(state.suspects)
+        await self._sample()
         return SweepReport(
             groups=state.groups,
             stages=state.stages,
@@ -220,6 +223,16 @@ class Sweeper:
             seconds=time.perf_counter() - started,
             unindexed=state.unindexed,
         )
+
+    async def _sample(self) -> None:
+        """End of a pass: add the prefix's cumulative job counts to its series (the
+        dashboard's throughput chart; astages.ops.sample, O(groups + stages))."""
+        try:
+            await sample(self.redis, self.keys)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except RedisError as e:  # a planted key of the wrong type: the pass still counts
+            logger.warning("sweeper could not sample the job counts: %s", e)
 
     async def _group(self, group_id: str, state: _Pass) -> None:
         keys = self.keys

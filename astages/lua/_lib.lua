@@ -34,6 +34,18 @@
 --   G:s:<n>:err     hash   seq -> error of a failed job
 -- A job is in exactly one of :open and :done. Completion is counted by HDEL from :open
 -- (returns 1 once), so duplicated or stale reports change nothing.
+--
+-- Global keys of the prefix P (KEYS[2] is P:groups; these are derived from it):
+--   P:totals        hash   successful, failed, cancelled, retried: the jobs of every group
+--                          that ended (finish_group) or was deleted while live
+--                          (delete_group.lua), added once per group as it goes (O(1) per
+--                          group, nothing per job). Jobs done so far = P:totals + the stage
+--                          counters of the live groups (astages/ops.py)
+--   P:series        stream samples "successful", "failed", "cancelled" of those cumulative
+--                          counts, one per sweeper pass (astages/sweeper.py), capped with
+--                          MAXLEN ~ 2880 (a day at the default 30 s interval)
+-- Neither belongs to a group: the Cleaner's check and repair never look at them (they walk
+-- P:{* and the index); purge_all deletes them with every other key of the prefix.
 
 local G = KEYS[1]
 local INDEX = KEYS[2]
@@ -443,9 +455,19 @@ end
 local function finish_group(now, outcome)
   outcome = outcome or 'complete'
   local failed = 0
+  local ended = {successful = 0, failed = 0, cancelled = 0, retried = 0}
   for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
-    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled')
+    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled', 'successful', 'retried')
     failed = failed + (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+    ended.failed = ended.failed + (tonumber(c[1]) or 0)
+    ended.cancelled = ended.cancelled + (tonumber(c[2]) or 0)
+    ended.successful = ended.successful + (tonumber(c[3]) or 0)
+    ended.retried = ended.retried + (tonumber(c[4]) or 0)
+  end
+  -- The prefix's cumulative totals (see the layout above): once per group, as it ends.
+  local totals = string.sub(INDEX, 1, #INDEX - #'groups') .. 'totals'
+  for field, k in pairs(ended) do
+    if k > 0 then redis.call('HINCRBY', totals, field, k) end
   end
   local text = summary(outcome, now)
   fire('complete', outcome, now, nil, text)

@@ -37,6 +37,9 @@ NOSCRIPT_TRIES = 3
 # How many jobs one script call hands to arq: a bigger stage is sent in chunks, so
 # Redis is never blocked for long (about 5 ms per 1,000 jobs).
 SEND_LIMIT = 1000
+# ... in a worker's report that starts a stage: its first jobs are in arq's queue sooner
+# (and taken while the rest is sent on in chunks of SEND_LIMIT).
+FIRST_CHUNK = 100
 
 
 # Scripts safe to repeat as they are, run on every job's path (a worker's start and
@@ -130,15 +133,17 @@ _KEEPS_STAGES_PENDING = frozenset(
 class Store:
     """A Redis connection, a key prefix and the scripts: what every astages object uses."""
 
-    __slots__ = ("buffer", "expires_extra_ms", "keys", "redis")
+    __slots__ = ("buffer", "expires_extra_ms", "keys", "redis", "send_limit")
 
-    def __init__(self, redis: ArqRedis, keys: Keys) -> None:
+    def __init__(self, redis: ArqRedis, keys: Keys, send_limit: int | None = None) -> None:
         # Typed Any: redis-py's asyncio stubs give every reply as "Awaitable[T] | T".
         self.redis: Any = redis
         self.keys = keys
         self.expires_extra_ms = int(getattr(redis, "expires_extra_ms", ARQ_EXPIRES_EXTRA_MS))
         # Jobs enqueued inside within_a_grouping, not yet written (see RecordBuffer).
         self.buffer: RecordBuffer | None = None
+        # How many jobs one call hands to arq (None: SEND_LIMIT; see FIRST_CHUNK).
+        self.send_limit = send_limit
 
     async def flush(self) -> None:
         """Write the jobs buffered inside within_a_grouping; every read and every other
@@ -147,7 +152,8 @@ class Store:
             await self.buffer.flush(self)
 
     async def run(self, name: str, group_id: str, *args: Any) -> Any:
-        """Run script ``name`` for ``group_id`` with its own ``args`` (ARGV[5..])."""
+        """Run script ``name`` for ``group_id`` with its own ``args`` (ARGV[6..]); it hands
+        at most ``send_limit`` jobs to arq."""
         await self.flush()
         if name not in _KEEPS_STAGES_PENDING and self.buffer is not None:
             # a stage may start now: later jobs must be recorded (and sent) at once,
@@ -162,7 +168,14 @@ class Store:
         if name not in REPEATABLE:
             # the call's reply key: the same command re-sent after a lost reply finds it
             keys = (*keys, self.keys.reply(_token()))
-        argv = (self.keys.job_id_base(group_id), ARQ_JOB_KEY_PREFIX, self.expires_extra_ms, SEND_LIMIT, now_ms(), *args)
+        argv = (
+            self.keys.job_id_base(group_id),
+            ARQ_JOB_KEY_PREFIX,
+            self.expires_extra_ms,
+            SEND_LIMIT if self.send_limit is None else self.send_limit,
+            now_ms(),
+            *args,
+        )
         try:
             for _ in range(NOSCRIPT_TRIES - 1):
                 try:
@@ -185,6 +198,14 @@ class Store:
             raise_code(reply, group_id, None)
             motion = Motion.of(reply)
         return motion
+
+    async def moves(self, name: str, group_id: str, calls: list[tuple[Any, ...]], *head: Any) -> list[Motion]:
+        """Run a batch of per-job transitions of one group (``head``, then how many, then
+        each call's arguments): each one's motion, in order. The caller sends on a stage
+        left unsent (the last motion's ``unsent``)."""
+        flat = [a for args in calls for a in args]
+        replies = await self.run_now(name, group_id, *head, len(calls), *flat)
+        return [Motion.of(reply) for reply in replies]
 
 
 class RecordBuffer:

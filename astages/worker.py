@@ -40,7 +40,7 @@ from arq.worker import Function, RetryJob, func
 from redis.exceptions import RedisError
 
 from astages._keys import DEFAULT_PREFIX, CallbackRef, JobRef, Keys
-from astages._scripts import Motion, Store, raise_code, text
+from astages._scripts import FIRST_CHUNK, Motion, Store, raise_code, text
 from astages.exceptions import CorruptRecord, JobNotRun, RetriesExhausted
 from astages.job import CTX_JOB, StagedJob
 from astages.models import GroupSummary
@@ -114,6 +114,8 @@ class Coalescer:
 
     def __init__(self, redis: Any, keys: Keys, wake: Callable[[], None] | None = None) -> None:
         self.store = Store(redis, keys)
+        # a report that starts a stage hands it a small first chunk (see FIRST_CHUNK)
+        self.reports = Store(redis, keys, FIRST_CHUNK)
         self.wake = wake
         self._pending: dict[tuple[str, str], list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,13 +167,13 @@ class Coalescer:
     async def _send_on(self, group_id: str, motions: list[Motion]) -> None:
         """Send on the stage a report started (in chunks), and wake the worker when a
         report queued jobs (a new stage, a retry)."""
-        last = motions[-1]
+        if self.wake is not None and any(m.outcome in ("running", "retry") for m in motions):
+            self.wake()  # the first chunk is queued: take it while the rest is sent
+        last = max(motions, key=lambda m: m.unsent)
         while last.unsent > 0:
             reply = await self.store.run_now("send_more", group_id)
             raise_code(reply, group_id, None)
             last = Motion.of(reply)
-        if self.wake is not None and any(m.outcome in ("running", "retry") for m in motions):
-            self.wake()
 
     async def _starts(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
         if len(calls) == 1:
@@ -181,11 +183,9 @@ class Coalescer:
 
     async def _finishes(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Motion]:
         if len(calls) == 1:
-            motions = [await self.store.move("finish_job", group_id, *calls[0])]
+            motions = [await self.reports.move("finish_job", group_id, *calls[0])]
         else:
-            flat = [a for args in calls for a in args]
-            replies = await self.store.run_now("finish_jobs", group_id, len(calls), *flat)
-            motions = [Motion.of(r) for r in replies]
+            motions = await self.reports.moves("finish_jobs", group_id, calls)
         await self._send_on(group_id, motions)
         return motions
 
@@ -199,7 +199,7 @@ class EndJobs(Coalescer):
 
     def __init__(self, arq_pool: Any, own: Any, keys: Keys, queue_name: str, wake: Callable[[], None]) -> None:
         super().__init__(own or arq_pool, keys, wake)
-        self.arq = Store(arq_pool, keys)
+        self.arq = Store(arq_pool, keys, FIRST_CHUNK)
         self.queue_name = queue_name
 
     async def end(self, group_id: str, args: tuple[Any, ...]) -> Motion:
@@ -210,9 +210,7 @@ class EndJobs(Coalescer):
     async def _batch(self, kind: str, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
         if kind != "end":
             return await super()._batch(kind, group_id, calls)
-        flat = [a for args in calls for a in args]
-        replies = await self.arq.run_now("end_jobs", group_id, self.queue_name, len(calls), *flat)
-        motions = [Motion.of(r) for r in replies]
+        motions = await self.arq.moves("end_jobs", group_id, calls, self.queue_name)
         await self._send_on(group_id, motions)
         return motions
 

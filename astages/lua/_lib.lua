@@ -34,18 +34,6 @@
 --   G:s:<n>:err     hash   seq -> error of a failed job
 -- A job is in exactly one of :open and :done. Completion is counted by HDEL from :open
 -- (returns 1 once), so duplicated or stale reports change nothing.
---
--- Global keys of the prefix P (KEYS[2] is P:groups; these are derived from it):
---   P:totals        hash   successful, failed, cancelled, retried: the jobs of every group
---                          that ended (finish_group) or was deleted while live
---                          (delete_group.lua), added once per group as it goes (O(1) per
---                          group, nothing per job). Jobs done so far = P:totals + the stage
---                          counters of the live groups (astages/ops.py)
---   P:series        stream samples "successful", "failed", "cancelled" of those cumulative
---                          counts, one per sweeper pass (astages/sweeper.py), capped with
---                          MAXLEN ~ 2880 (a day at the default 30 s interval)
--- Neither belongs to a group: the Cleaner's check and repair never look at them (they walk
--- P:{* and the index); purge_all deletes them with every other key of the prefix.
 
 local G = KEYS[1]
 local INDEX = KEYS[2]
@@ -455,19 +443,9 @@ end
 local function finish_group(now, outcome)
   outcome = outcome or 'complete'
   local failed = 0
-  local ended = {successful = 0, failed = 0, cancelled = 0, retried = 0}
   for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
-    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled', 'successful', 'retried')
+    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled')
     failed = failed + (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
-    ended.failed = ended.failed + (tonumber(c[1]) or 0)
-    ended.cancelled = ended.cancelled + (tonumber(c[2]) or 0)
-    ended.successful = ended.successful + (tonumber(c[3]) or 0)
-    ended.retried = ended.retried + (tonumber(c[4]) or 0)
-  end
-  -- The prefix's cumulative totals (see the layout above): once per group, as it ends.
-  local totals = string.sub(INDEX, 1, #INDEX - #'groups') .. 'totals'
-  for field, k in pairs(ended) do
-    if k > 0 then redis.call('HINCRBY', totals, field, k) end
   end
   local text = summary(outcome, now)
   fire('complete', outcome, now, nil, text)
@@ -586,15 +564,32 @@ local function after_job_left(n, now)
   return advance(now)
 end
 
+-- Whether the group exists, read once per call (a batch reads it again after a job's
+-- transition moved the group on: see batch_step).
+local group_exists = nil
+local function group_alive()
+  if group_exists == nil then group_exists = redis.call('EXISTS', G) == 1 end
+  return group_exists
+end
+
+-- The time of a per-job call, read once per call (a batch's transitions share it).
+local call_now = nil
+local function script_now()
+  if call_now == nil then call_now = now_ms() end
+  return call_now
+end
+
 -- A worker picked up try `try` of job seq of stage n (start_job.lua, start_jobs.lua,
 -- claim_jobs.lua). Returns 'run' (now running), or why it must not run: 'gone' (no such
 -- job, stage or group) or 'final' (it finished already; arq re-delivered it).
 local function start_one(n, seq, try)
-  if redis.call('EXISTS', G) == 0 then return 'gone' end
+  if not group_alive() then return 'gone' end
   local sk = stage_key(n)
-  if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return 'final' end
-  local cur = redis.call('HGET', sk .. ':open', seq)
-  if not cur then return 'gone' end
+  local cur = redis.call('HGET', sk .. ':open', seq)  -- a job is in :open or in :done
+  if not cur then
+    if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return 'final' end
+    return 'gone'
+  end
   local code = 'r' .. try
   if cur ~= code then
     redis.call('HSET', sk .. ':open', seq, code)
@@ -612,11 +607,13 @@ end
 -- 'gone', 'dup', 'stale', 'retry', 'open' (stage still has open jobs), 'complete',
 -- 'running' (the group moved on to a stage) or 'finished' (the group is done).
 local function finish_one(n, seq, try, outcome, err)
-  if redis.call('EXISTS', G) == 0 then return {'gone', '', 0} end
+  if not group_alive() then return {'gone', '', 0} end
   local sk = stage_key(n)
-  if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return {'dup', n, 0} end
-  local cur = redis.call('HGET', sk .. ':open', seq)
-  if not cur then return {'gone', n, 0} end
+  local cur = redis.call('HGET', sk .. ':open', seq)  -- a job is in :open or in :done
+  if not cur then
+    if redis.call('HEXISTS', sk .. ':done', seq) == 1 then return {'dup', n, 0} end
+    return {'gone', n, 0}
+  end
   if try_of(cur) > try then return {'stale', n, 0} end
   if outcome == 'e' then
     local code = 'e' .. try
@@ -631,7 +628,7 @@ local function finish_one(n, seq, try, outcome, err)
   local code = outcome .. try
   redis.call('HSET', sk .. ':done', seq, code)
   count(sk, cur, code)
-  local now = now_ms()
+  local now = script_now()
   if outcome == 'f' then
     redis.call('HSET', sk .. ':err', seq, err)
   end
@@ -655,6 +652,7 @@ local function batch_step(reply)
   if o ~= 'open' and o ~= 'retry' and o ~= 'dup' and o ~= 'stale' and o ~= 'run' then
     group_pttl = nil
     events_cap = nil
+    group_exists = nil
   end
 end
 

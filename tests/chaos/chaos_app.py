@@ -7,8 +7,8 @@ once) to the list ``chaos:log``; the test reads them to check stage order. Each 
 ``kind`` decides what it does: ``ok``, ``retry`` (raises Retry on its first tries, past
 max_tries for some), ``fail`` (raises) and ``slow`` (outlives its 1 s timeout); the
 user's own hooks raise for a quarter of all runs. Every transition that
-finished a group is recorded in ``chaos:finished`` (Store.move wrapped in the worker
-processes), so the test can count them.
+finished a group is recorded in ``chaos:finished`` (Store.move and Store.moves, the
+batches, wrapped in the worker processes), so the test can count them.
 """
 
 from __future__ import annotations
@@ -43,8 +43,20 @@ async def _recording_move(self: Store, name: str, group_id: str, *args: Any) -> 
     return motion
 
 
+_moves = Store.moves
+
+
+async def _recording_moves(self: Store, name: str, group_id: str, *args: Any) -> list[Motion]:
+    motions = await _moves(self, name, group_id, *args)  # a batch (finish_jobs, end_jobs)
+    for motion in motions:
+        if motion.finished:
+            await self.redis.rpush(FINISHED, f"{group_id} {name} {os.getpid()}")
+    return motions
+
+
 if os.environ.get("CHAOS_WORKER"):  # in the worker processes only
     Store.move = _recording_move  # type: ignore[method-assign]
+    Store.moves = _recording_moves  # type: ignore[method-assign]
 
 
 # The records go through a client that re-sends a command whose reply was lost (the

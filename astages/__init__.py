@@ -1,6 +1,7 @@
 """astages: run arq jobs in stages; every job of a stage, retries included, finishes
 before the next stage starts, and a finished group cleans up after itself."""
 
+from astages._flow import DEFAULT_WINDOW, FlowLimits, Rate
 from astages._keys import DEFAULT_PREFIX
 from astages.cleaner import Cleaner, CleanupReport
 from astages.exceptions import (
@@ -8,6 +9,7 @@ from astages.exceptions import (
     CorruptRecord,
     GroupFinished,
     GroupNotFound,
+    InFlightCapReached,
     InvalidJobFunction,
     InvalidJobOption,
     InvalidQueue,
@@ -49,17 +51,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "DEFAULT_WINDOW",
     "AstagesError",
     "Cleaner",
     "CleanupReport",
     "CorruptRecord",
     "Event",
     "FailurePolicy",
+    "FlowLimits",
     "GroupFinished",
     "GroupNotFound",
     "GroupStatus",
     "GroupSummary",
     "HardenedWorker",
+    "InFlightCapReached",
     "InvalidJobFunction",
     "InvalidJobOption",
     "InvalidQueue",
@@ -75,6 +80,7 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "NotRetryable",
+    "Rate",
     "ResultNotAvailable",
     "RetriesExhausted",
     "StageComplete",

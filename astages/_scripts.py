@@ -126,7 +126,7 @@ class Motion:
 # Scripts after which the stages of a group filled in within_a_grouping are all still
 # pending, so enqueued jobs may keep being buffered (any other call ends the buffering).
 _KEEPS_STAGES_PENDING = frozenset(
-    {"create_group", "ensure_stage", "add_callback", "configure", "set_message", "enqueue", "reserve"}
+    {"create_group", "ensure_stage", "add_callback", "configure", "set_limits", "set_message", "enqueue", "reserve"}
 )
 
 

@@ -164,7 +164,10 @@ class Cleaner:
         - open jobs have an open status, finished ones a final status;
         - a complete stage has no open job;
         - no job is queued, running or finished in a stage that was not initiated, and no
-          stage runs in a group that was not initiated."""
+          stage runs in a group that was not initiated;
+        - flow control: a running stage's jobs in flight are within its max_in_flight, its
+          group's (every running stage counted) within the group's, and every pending job
+          of a running stage is at or after its cursor (waiting for the window)."""
         keys = Keys(prefix)
         out: dict[str, tuple[str, ...]] = {}
         async for member, _ in redis.zscan_iter(keys.index, count=SCAN_COUNT):
@@ -224,6 +227,7 @@ def _group_breaches(group: dict[bytes, bytes], numbers: list[str], rows: list[An
     for i, n in enumerate(numbers):
         stage, jobs, open_, done = rows[4 * i : 4 * i + 4]
         where = f"stage {n}"
+    in_flight = 0  # of the group's running stages (its max_in_flight counts them all)
         if not stage:
             out.append(f"{where} is listed but its hash is missing")
             continue
@@ -270,3 +274,32 @@ def _group_breaches(group: dict[bytes, bytes], numbers: list[str], rows: list[An
         if status in ("running", "complete") and group_status == "pending":
             out.append(f"{where} is {status} in a group that was not initiated")
     return out
+        if status == "running":
+            out.extend(_flow_breaches(where, stage, seqs, opens))
+            in_flight += counts["queued"] + counts["running"] + counts["pending_re_run"]
+    group_cap = _cap(group.get(b"max_in_flight"))
+    if group_cap is not None and in_flight > group_cap:
+        out.append(f"the group has {in_flight} jobs in flight > its max_in_flight {group_cap}")
+    return out
+
+
+def _cap(raw: bytes | None) -> int | None:
+    try:
+        return None if raw is None else int(float(raw))
+    except ValueError:
+        return None
+
+
+def _flow_breaches(where: str, stage: dict[bytes, bytes], seqs: list[str], opens: dict[str, str]) -> list[str]:
+    """Flow control's invariants of a running stage (issue 13): its jobs in flight are
+    within its max_in_flight, and every pending job is at or after its cursor (waiting
+    for the window), none skipped before it."""
+    out = []
+    flight = sum(1 for code in opens.values() if code[:1] in WITH_ARQ)
+    cap = _cap(stage.get(b"max_in_flight"))
+    if cap is not None and flight > cap:
+        out.append(f"{where}: in flight {flight} > max_in_flight {cap}")
+    cursor = _cap(stage.get(b"cursor")) or 0
+    skipped = [s for s in seqs[:cursor] if opens.get(s) == "p"]
+    if skipped:
+        out.append(f"{where}: pending jobs before the cursor (never to be sent): {skipped[:10]}")

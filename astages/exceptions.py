@@ -9,6 +9,8 @@ AstagesError
 │                          cancel or start
 ├── JobNotPending          the job cannot be sent to arq in its current status
 ├── StageNotRunning        a job of a stage that has not started cannot be sent
+├── InFlightCapReached     a job cannot be sent now: its stage's or group's
+│                          max_in_flight is reached (it is sent in its turn)
 ├── InvalidStageNumber     a stage number that is not an int
 ├── InvalidStageName       a stage name that is not a short, non-empty str
 ├── InvalidJobFunction     neither a function name nor a coroutine function
@@ -36,6 +38,7 @@ __all__ = [
     "CorruptRecord",
     "GroupFinished",
     "GroupNotFound",
+    "InFlightCapReached",
     "InvalidJobFunction",
     "InvalidJobOption",
     "InvalidQueue",
@@ -215,6 +218,15 @@ class StageNotRunning(AstagesError):
         super().__init__(
             f"stage {number} of group {group_id!r} has not started, so its jobs are not sent yet (one sent now "
             "would run before the stages ahead of it ended); initiate the group, or the stage"
+        )
+
+
+class InFlightCapReached(AstagesError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id!r} is not sent now: its stage's or group's max_in_flight is reached; it is sent "
+            "in its turn, or raise the cap (set_limits)"
         )
 
 

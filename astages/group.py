@@ -8,10 +8,12 @@ import json
 import math
 import secrets
 import uuid
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from astages._flow import FlowLimits, Rate, cap_arg, priority_arg, rate_args, window_arg
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Motion, RecordBuffer, Store, raise_code, text
 from astages.exceptions import AstagesError, GroupNotFound, InvalidStageNumber, StageNotFound
@@ -109,6 +111,10 @@ class StagedGroup:
         events: int = DEFAULT_EVENTS,
         failure_policy: FailurePolicy | str | None = None,
         ttl: float | None = None,
+        max_in_flight: int | None = None,
+        rate: str | Rate | None = None,
+        priority: int = 0,
+        window: int | EllipsisType | None = ...,
     ) -> StagedGroup:
         """A new, empty, pending group.
 
@@ -117,7 +123,15 @@ class StagedGroup:
         event timeline (0: none). ``failure_policy``: ``"continue"`` (default), ``"halt"``
         or a ``FailurePolicy``; a stage may have its own. ``ttl`` (seconds): a safety
         net for a group that never ends (its workers gone, its jobs lost): every key of
-        the group expires that long after its creation unless it has ended by then."""
+        the group expires that long after its creation unless it has ended by then.
+
+        Flow control (see ``set_limits``): ``max_in_flight`` caps the group's jobs sent to
+        arq and not final (queued, running or waiting for a retry), across every stage and
+        worker; ``rate`` (``"50/s"``, ``"600/m"``, ``"10/h"``) spaces the group's jobs
+        evenly; ``priority`` (seconds, 0 to 86,400) puts its jobs ahead of those other
+        groups send up to that long after them; ``window`` is how many jobs of a running
+        stage are in flight at most (default ``DEFAULT_WINDOW``; None: no window, a stage
+        is sent whole as it starts)."""
         if not isinstance(description, str):
             raise AstagesError(f"a group description must be a str, not {type(description).__name__}")
         years = MAX_DELAY_MS // 1000
@@ -132,6 +146,9 @@ class StagedGroup:
                 f"ttl must be a number of seconds > 0 and at most {years:,} (100 years), or None, not {ttl!r}"
             )
         policy = FailurePolicy.of(failure_policy)
+        cap = cap_arg(max_in_flight)
+        rate_iv, rate_text = rate_args(rate)
+        limits = (cap, rate_iv, rate_text, priority_arg(priority), "" if window is ... else window_arg(window))
         store = Store(redis, Keys(prefix))
         created = now_ms()
         group_id = new_group_id(created)
@@ -144,6 +161,7 @@ class StagedGroup:
             int(events),
             *policy.script_args(),
             "" if ttl is None else created + math.ceil(ttl * 1000),
+            *limits,
         )
         return cls(store, group_id, description, ms_to_datetime(created))
 
@@ -303,6 +321,37 @@ class StagedGroup:
         """The group's failure policy (its stages follow it unless they have their own)."""
         reply = await self.store.run("configure", self.id, "", *FailurePolicy.of(policy).script_args())
         raise_code(reply, self.id, None)
+
+    async def set_limits(
+        self,
+        *,
+        max_in_flight: int | EllipsisType | None = ...,
+        rate: str | Rate | EllipsisType | None = ...,
+        priority: int | EllipsisType = ...,
+        window: int | EllipsisType | None = ...,
+    ) -> Motion:
+        """Change the group's flow limits (an argument left out stays as it is; None
+        removes a cap, a rate or the window). A running group is topped up at once, so a
+        raised limit sends more jobs now; a lowered one lets jobs in flight finish.
+
+        ``max_in_flight``: the group's jobs in flight at most, every stage counted, across
+        every worker. ``rate``: ``"50/s"``, ``"600/m"`` or ``"10/h"``: the group's jobs
+        are sent with scores one interval apart, so arq releases them evenly (to about
+        a worker's poll delay). ``priority``: seconds of head start (0 to 86,400) its jobs
+        get in arq's queue over jobs other groups send at the same time; bounded, so a
+        group without priority is delayed by at most that much. ``window``: how many jobs
+        of a running stage are in flight at most (None: no window)."""
+        iv, rate_text = rate_args(rate)
+        args = ("", cap_arg(max_in_flight), iv, rate_text, priority_arg(priority), window_arg(window))
+        return await self.store.move("set_limits", self.id, *args)
+
+    async def limits(self) -> FlowLimits:
+        """The group's flow limits (see ``set_limits``)."""
+        await self.store.flush()
+        raw = await self.redis.hgetall(self._key)
+        if not raw:
+            raise GroupNotFound(self.id)
+        return FlowLimits.of(raw, group=True)
 
     async def _callback(self, event: str, function: JobFunction, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         refuse_job_id(kwargs)
@@ -497,6 +546,10 @@ def within_a_grouping(
     events: int = DEFAULT_EVENTS,
     failure_policy: FailurePolicy | str | None = None,
     ttl: float | None = None,
+    max_in_flight: int | None = None,
+    rate: str | Rate | None = None,
+    priority: int = 0,
+    window: int | EllipsisType | None = ...,
 ) -> _Grouping:
     """Create a group, let the block fill its stages, then initiate it.
 
@@ -509,5 +562,9 @@ def within_a_grouping(
         "events": events,
         "failure_policy": failure_policy,
         "ttl": ttl,
+        "max_in_flight": max_in_flight,
+        "rate": rate,
+        "priority": priority,
+        "window": window,
     }
     return _Grouping(redis, description, options)

@@ -16,6 +16,7 @@ from astages._keys import DEFAULT_PREFIX, JobRef, Keys
 from astages._scripts import Motion, Store, text
 from astages.exceptions import (
     CorruptRecord,
+    InFlightCapReached,
     InvalidStatusMessage,
     JobFailed,
     JobNotFound,
@@ -404,13 +405,16 @@ class StagedJob:
         """Send the job to arq now: a pending job of a running stage is queued (ahead of
         the stage's jobs not yet sent); a job waiting for a retry is moved to the front of
         its queue. A job of a pending stage is not sent (``StageNotRunning``): it would
-        run before the stages ahead of it ended."""
+        run before the stages ahead of it ended. It goes past its stage's window and rate
+        but not past a full max_in_flight cap (``InFlightCapReached``)."""
         store, ref = self._bound()
         outcome = text(await store.run("enqueue_job", ref.group_id, ref.stage, ref.seq))
         if outcome == "gone":
             raise JobNotFound(str(self.id))
         if outcome == "not_running":
             raise StageNotRunning(ref.group_id, ref.stage)
+        if outcome == "capped":
+            raise InFlightCapReached(str(self.id))
         if outcome in ("final", "busy"):
             raise JobNotPending(str(self.id), (await self.status()).value)
 

@@ -190,6 +190,18 @@ class StageProgress:
     def open(self) -> int:
         return self.total - self.finished
 
+    @property
+    def in_flight(self) -> int:
+        """Jobs sent to arq and not final: queued, running or waiting for a retry (what
+        a window and a max_in_flight cap bound)."""
+        return self.queued + self.running + self.pending_re_run
+
+    @property
+    def waiting(self) -> int:
+        """Jobs not sent yet (pending): of a running stage, those waiting for its window,
+        a cap or a rate (see ``StageInfo.held``)."""
+        return self.pending
+
     @classmethod
     def of(cls, raw: dict[bytes, bytes]) -> StageProgress:
         def get(name: str) -> int:
@@ -204,6 +216,14 @@ class StageProgress:
         return {name: getattr(self, name) for name in self.__slots__} | {"total": self.total}
 
 
+def _held(raw: dict[bytes, bytes]) -> str | None:
+    """What holds a running stage's waiting jobs back, from its hash (None: nothing)."""
+    held = raw.get(b"held")
+    if not held or raw.get(b"status") != b"running" or int(raw.get(b"pending", 0)) == 0:
+        return None
+    return held.decode(errors="replace")
+
+
 @dataclass(frozen=True, slots=True)
 class StageInfo:
     """A stage at one moment: status, times, counts and name (one Redis read)."""
@@ -215,6 +235,12 @@ class StageInfo:
     finished: dt.datetime | None
     progress: StageProgress
     name: str | None = None  # the name it was given (group.stage(n, name=...)), if any
+    # Flow control (set_limits): the stage's own cap and rate, and what held it back at
+    # its last top-up while jobs waited ('window', 'stage_cap', 'group_cap', 'rate'; None
+    # when nothing did: every job sent, or the stage not running).
+    max_in_flight: int | None = None
+    rate: str | None = None
+    held: str | None = None
 
     @property
     def label(self) -> str:
@@ -243,6 +269,9 @@ class StageInfo:
             finished=when("finished"),
             progress=StageProgress.of(raw),
             name=None if raw.get(b"name") is None else raw[b"name"].decode(errors="replace"),
+            max_in_flight=None if raw.get(b"max_in_flight") is None else int(float(raw[b"max_in_flight"])),
+            rate=None if raw.get(b"rate") is None else raw[b"rate"].decode(errors="replace"),
+            held=_held(raw),
         )
 
 

@@ -6,11 +6,13 @@ import datetime as dt
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from arq.jobs import serialize_job
 from arq.worker import Function
 
+from astages._flow import FlowLimits, Rate, cap_arg, rate_args
 from astages._keys import JobRef
 from astages._scripts import Motion, Store, raise_code, text
 from astages.exceptions import (
@@ -518,6 +520,30 @@ class StagedGroupStage(Coroutine[Any, Any, "StagedGroupStage"]):
             raise_code(reply, self.group.id, self.number)
 
         await self._made_first(run)
+
+    async def set_limits(
+        self, *, max_in_flight: int | EllipsisType | None = ..., rate: str | Rate | EllipsisType | None = ...
+    ) -> Motion:
+        """This stage's own flow limits, on top of its group's (an argument left out
+        stays as it is; None removes it): ``max_in_flight`` (its jobs sent to arq and not
+        final, across every worker) and ``rate`` (``"50/s"``, ``"600/m"``, ``"10/h"``;
+        its jobs are given scores one interval apart). A running stage is topped up at
+        once. See ``StagedGroup.set_limits``."""
+        iv, rate_text = rate_args(rate)
+        args = (cap_arg(max_in_flight), iv, rate_text, "-", "-")
+
+        async def run() -> Motion:
+            return await self._store.move("set_limits", self.group.id, self.number, *args)
+
+        return await self._made_first(run)
+
+    async def limits(self) -> FlowLimits:
+        """The stage's own flow limits (its window is its group's: ``group.limits()``)."""
+        await self._store.flush()
+        raw = await self._store.redis.hgetall(self._key())
+        if not raw:
+            raise StageNotFound(self.group.id, self.number)
+        return FlowLimits.of(raw, group=False)
 
     async def retry_failed(self) -> int:
         """Retry every failed job of the stage in one atomic call (see ``StagedJob.retry``

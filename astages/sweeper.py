@@ -25,9 +25,11 @@ running it again is not safe to assume; failing it lets the group move on, keeps
 happened visible (the job's error and status message say why), and a stage that wants
 the job run again can read the failure and re-enqueue it in a later stage.
 
-The sweeper also moves on a running group that nothing else will move: a stage whose
-chunked sending stopped (the process that started it died) is sent on, and a running
-stage with no open job completes (``nudge.lua``).
+The sweeper also moves on a running group that nothing else will move: a stage with
+jobs waiting to be sent and none in flight (its chunked sending stopped: the process that
+started it died) is sent on, as far as its window, caps and rate let, and a running stage
+with no open job completes (``nudge.lua``). A stage whose jobs wait for a window with
+jobs in flight is not stuck: each report tops the window up.
 
 Cost: a pass reads the index of *live* groups (finished groups delete themselves and
 leave it), two round trips per running group, and per running stage its open jobs in
@@ -246,19 +248,24 @@ class Sweeper:
         async with self.redis.pipeline(transaction=False) as pipe:
             for n in numbers:
                 sk = keys.stage(group_id, int(n))
-                pipe.hmget(sk, ["status", "cursor"])
+                pipe.hmget(sk, ["status", "cursor", "held", "queued", "running", "pending_re_run"])
                 pipe.llen(f"{sk}:jobs")
                 pipe.hlen(f"{sk}:open")
             rows = await pipe.execute()
         running: list[tuple[int, int]] = []  # (number, open jobs)
         stuck = False
         for i, n in enumerate(numbers):
-            (st, cursor), total, open_jobs = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+            (st, cursor, held, *flight), total, open_jobs = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
             if st is None or text(st) != "running":
                 continue
             running.append((int(n), int(open_jobs)))
-            if int(cursor or 0) < int(total) or int(open_jobs) == 0:
-                stuck = True  # sending stopped half-way, or nothing left to wait for
+            in_flight = sum(int(c or 0) for c in flight)
+            waiting = int(cursor or 0) < int(total)
+            if (waiting and (in_flight == 0 or not held)) or int(open_jobs) == 0:
+                # jobs wait with none in flight (no report will top the window up) or with
+                # no limit holding them (chunked sending stopped half-way), or nothing is
+                # left to wait for; jobs a window, cap or rate holds back are not stuck
+                stuck = True
         if stuck or not running:
             motion = await self.store.move("nudge", group_id)
             state.nudged += 1

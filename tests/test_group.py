@@ -344,8 +344,8 @@ async def test_job_id_option_rejected(redis):
 
 
 async def test_big_stage_is_sent_in_chunks(redis):
-    """Initiating a stage of more jobs than one chunk sends them all, in order."""
-    group = await StagedGroup.create(redis, "chunks")
+    """Initiating a stage of more jobs than one chunk sends them all, in order (with no window)."""
+    group = await StagedGroup.create(redis, "chunks", window=None)
     stage = await group.stage(1)
     await stage.enqueue_many((work, (i,)) for i in range(2_500))
     await group.initiate()

@@ -162,6 +162,7 @@ async def test_every_script_survives_script_flush(real_redis, name):
         "cancel_stage": (1,),
         "add_callback": ("complete", b"n0|0|9|arq:queuepayload"),
         "configure": ("", 0, -1),
+        "set_limits": ("", 5, "100.0", "10/s", 1, 50),
     }.get(name, ())
     await store.run(name, group.id, *args)
     assert await real_redis.script_exists(SCRIPTS[name].sha) == [True]

@@ -16,7 +16,9 @@
 --                          failed or cancelled), initiated, finished, keep_for, events
 --                          (stream cap), max_failed / max_ratio (failure policy), cbseq,
 --                          failed_once, summary (kept groups), seq:<n> (last job seq
---                          of a deleted stage n, so a stage made again reuses no job id)
+--                          of a deleted stage n, so a stage made again reuses no job id);
+--                          flow control (see top_up): window, max_in_flight, rate_iv,
+--                          rate (as given), rate_next, priority
 --   G:callbacks     hash   "<event>:<k>" -> job spec; event is complete, success, failure
 --                          or stage.<n>
 --   G:events        stream job and stage transitions, capped at the group's events cap
@@ -34,6 +36,18 @@
 --   G:s:<n>:err     hash   seq -> error of a failed job
 -- A job is in exactly one of :open and :done. Completion is counted by HDEL from :open
 -- (returns 1 once), so duplicated or stale reports change nothing.
+--
+-- Global keys of the prefix P (KEYS[2] is P:groups; these are derived from it):
+--   P:totals        hash   successful, failed, cancelled, retried: the jobs of every group
+--                          that ended (finish_group) or was deleted while live
+--                          (delete_group.lua), added once per group as it goes (O(1) per
+--                          group, nothing per job). Jobs done so far = P:totals + the stage
+--                          counters of the live groups (astages/ops.py)
+--   P:series        stream samples "successful", "failed", "cancelled" of those cumulative
+--                          counts, one per sweeper pass (astages/sweeper.py), capped with
+--                          MAXLEN ~ 2880 (a day at the default 30 s interval)
+-- Neither belongs to a group: the Cleaner's check and repair never look at them (they walk
+-- P:{* and the index); purge_all deletes them with every other key of the prefix.
 
 local G = KEYS[1]
 local INDEX = KEYS[2]
@@ -208,11 +222,16 @@ end
 -- Write arq's own job record for a job spec; returns the queue and score of its queue
 -- entry, for the caller to add, or nil and why when the spec is unusable (nothing is
 -- written then). An "in" delay counts from now.
-local function write_arq_record(spec, id, now)
+--
+-- floor (optional): the earliest score (a rate limit's slot, see top_up); offset
+-- (optional, ms): a priority's head start, taken off a score that is due at once.
+local function write_arq_record(spec, id, now, floor, offset)
   local kind, when, expires, queue, payload = parse_spec(spec)
   if not kind then return nil, when end
   local score = due(now)
   if kind == 'a' then score = when elseif kind == 'i' then score = score + when end
+  if floor and score < floor then score = math.floor(floor) end
+  if offset and offset > 0 and score <= due(now) then score = math.max(1, score - offset) end
   local ttl = expires
   -- A time already past (the stage started after it) runs now: its record lives from now.
   if ttl <= 0 then ttl = math.max(score, now) - now + EXPIRES_EXTRA end
@@ -336,54 +355,163 @@ local function send(sk, n, seq, now)
   return true
 end
 
--- Hand the next chunk of pending jobs of running stage n to arq, in enqueue order.
--- Returns the number of jobs that still wait for a later chunk, the budget left, and
--- how many jobs failed instead of being sent (unusable specs).
-local function send_chunk(n, now, budget)
+-- Flow control (issue 13). A running stage keeps at most a window of its jobs in
+-- flight (sent to arq: queued, running or waiting for a retry; the stage's counters
+-- queued + running + pending_re_run), fewer when a cap says so: max_in_flight of the
+-- stage, and of the group (counting every stage of the group). Its other pending jobs
+-- wait, in enqueue order, behind the stage's cursor (the index in :jobs of the next job
+-- to look at). Whatever takes a job out of flight (a report, a cancel, a delete) tops the
+-- window up in the same script (after_job_left), so a stage is never left with room and
+-- jobs waiting unless a rate holds it, and groups sharing a queue share it: each has at
+-- most a window of jobs ahead of a group that starts later.
+--
+-- A rate (rate_iv: ms between two jobs, on the stage and/or the group) is kept by the
+-- scores the jobs get: each job sent is due one interval after the previous one (the
+-- stage's and the group's rate_next), so arq's workers, whichever take them, release
+-- them evenly. Jobs are scored at most RATE_AHEAD_MS ahead (the first job of a stage with
+-- nothing in flight always goes, whatever its slot, so a slow rate is never stuck).
+-- A priority (group, whole seconds) takes that many seconds off the score of each job
+-- due at once: its jobs go ahead of those other groups sent up to that long after them,
+-- and no longer (a group without priority waits at most that much more, never starves).
+-- The default window (a group's window field, else DEFAULT_WINDOW; 0: no window).
+local DEFAULT_WINDOW = 1000
+local RATE_AHEAD_MS = 1000
+local PRIORITY_MS = 1000
+
+local flow = nil
+-- The group's flow settings, read once per script: window (0: none), cap (nil: none),
+-- iv (rate interval ms, nil: none), offset (priority head start, ms).
+local function group_flow()
+  if flow == nil then
+    local h = redis.call('HMGET', G, 'window', 'max_in_flight', 'rate_iv', 'priority')
+    local window = tonumber(h[1]) or DEFAULT_WINDOW
+    if window < 0 then window = DEFAULT_WINDOW end
+    local iv = tonumber(h[3])
+    if iv and not (iv > 0) then iv = nil end
+    flow = {window = window, cap = tonumber(h[2]), iv = iv, offset = (tonumber(h[4]) or 0) * PRIORITY_MS}
+  end
+  return flow
+end
+
+-- Jobs of stage n in flight.
+local function stage_in_flight(sk)
+  local c = redis.call('HMGET', sk, 'queued', 'running', 'pending_re_run')
+  return (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
+end
+
+-- Room under the group's cap (every running stage's jobs in flight count), or nil when
+-- the group has none. O(stages), read only for a group with a cap.
+local function group_room()
+  local cap = group_flow().cap
+  if not cap then return nil end
+  local used = 0
+  for _, m in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+    local sk = stage_key(m)
+    if redis.call('HGET', sk, 'status') == 'running' then used = used + stage_in_flight(sk) end
+  end
+  return cap - used
+end
+
+-- Send running stage n's next pending jobs to arq, in enqueue order, as far as its
+-- window, caps and rate let (see above). budget: how many jobs of :jobs this call may
+-- still look at (SEND_LIMIT per script call); g_room: room under the group's cap (nil:
+-- none). Sets the stage's 'held' to what stops it while jobs wait ('window',
+-- 'stage_cap', 'group_cap', 'rate'; '' when nothing does). Returns how many jobs could
+-- still be sent now (the budget ran out: the caller sends on with send_more), the
+-- budget left, how many jobs failed instead of being sent (unusable specs), and the
+-- group's room left.
+local function top_up(n, now, budget, g_room)
   local sk = stage_key(n)
-  local cursor = tonumber(redis.call('HGET', sk, 'cursor') or '0')
+  local h = redis.call('HMGET', sk, 'cursor', 'queued', 'running', 'pending_re_run', 'max_in_flight',
+    'rate_iv', 'rate_next', 'held')
+  local cursor = tonumber(h[1]) or 0
   local total = redis.call('LLEN', sk .. ':jobs')
-  if cursor >= total then return 0, budget, 0 end
-  if budget <= 0 then return total - cursor, budget, 0 end  -- LRANGE cursor, cursor - 1 is all from 0
-  local last = cursor + budget - 1
-  local seqs = redis.call('LRANGE', sk .. ':jobs', cursor, last)
-  -- The same writes as send() per job, with the reads, queue entries, status and
-  -- counters done once per chunk (a third of the time per job).
-  local opens = #seqs > 0 and redis.call('HMGET', sk .. ':open', unpack(seqs)) or {}
-  local todo = {}
-  for i, seq in ipairs(seqs) do
-    if opens[i] == 'p' then todo[#todo + 1] = seq end
+  local was_held = h[8] or ''
+  if cursor >= total then
+    if was_held ~= '' then redis.call('HSET', sk, 'held', '') end
+    return 0, budget, 0, g_room
   end
-  local failed = 0
-  if #todo > 0 then
-    local specs = redis.call('HMGET', sk .. ':spec', unpack(todo))
-    local queued, entries, bad = {}, {}, {}
-    for i, seq in ipairs(todo) do
-      local id = job_id(n, seq)
-      local queue, score = write_arq_record(specs[i], id, now)
-      if queue then
-        if not entries[queue] then entries[queue] = {} end
-        local e = entries[queue]
-        e[#e + 1] = score
-        e[#e + 1] = id
-        queued[#queued + 1] = seq
-        queued[#queued + 1] = 'q'
-      else
-        bad[#bad + 1] = {seq, score}
+  local gf = group_flow()
+  local in_flight = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
+  local room, why = math.huge, ''
+  if gf.window > 0 then room, why = gf.window - in_flight, 'window' end
+  local cap = tonumber(h[5])
+  if cap and cap - in_flight < room then room, why = cap - in_flight, 'stage_cap' end
+  if g_room and g_room < room then room, why = g_room, 'group_cap' end
+  local s_iv, g_iv = tonumber(h[6]), gf.iv
+  if s_iv and not (s_iv > 0) then s_iv = nil end
+  local s_next = tonumber(h[7]) or 0
+  local g_next = g_iv and (tonumber(redis.call('HGET', G, 'rate_next')) or 0) or 0
+  local base = due(now)
+  local sent, failed, rated = 0, 0, false
+  local queued, entries, bad = {}, {}, {}
+  while sent < room and budget > 0 and cursor < total and not rated do
+    local want = math.min(room - sent, budget)
+    local seqs = redis.call('LRANGE', sk .. ':jobs', int(cursor), int(cursor + want - 1))
+    if #seqs == 0 then break end
+    local opens = redis.call('HMGET', sk .. ':open', unpack(seqs))
+    local todo = {}
+    for i, seq in ipairs(seqs) do
+      if opens[i] == 'p' then todo[#todo + 1] = seq end
+    end
+    local specs = #todo > 0 and redis.call('HMGET', sk .. ':spec', unpack(todo)) or {}
+    local k, looked = 0, 0
+    for i, seq in ipairs(seqs) do
+      if opens[i] == 'p' then
+        k = k + 1
+        local floor = nil
+        if s_iv or g_iv then
+          floor = math.max(base, s_iv and s_next or 0, g_iv and g_next or 0)
+          if floor > base + RATE_AHEAD_MS and not (sent == 0 and in_flight == 0) then
+            rated = true
+            break
+          end
+          if s_iv then s_next = floor + s_iv end
+          if g_iv then g_next = floor + g_iv end
+        end
+        local id = job_id(n, seq)
+        local queue, score = write_arq_record(specs[k], id, now, floor, gf.offset)
+        if queue then
+          if not entries[queue] then entries[queue] = {} end
+          local e = entries[queue]
+          e[#e + 1] = score
+          e[#e + 1] = id
+          queued[#queued + 1] = seq
+          queued[#queued + 1] = 'q'
+          sent = sent + 1
+        else
+          bad[#bad + 1] = {seq, score}
+        end
       end
+      looked = i
+      if sent >= room then break end
     end
-    for queue, e in pairs(entries) do redis.call('ZADD', queue, unpack(e)) end
-    if #queued > 0 then
-      redis.call('HSET', sk .. ':open', unpack(queued))
-      redis.call('HINCRBY', sk, COUNTER.p, -#queued / 2)
-      redis.call('HINCRBY', sk, COUNTER.q, #queued / 2)
-    end
-    for _, b in ipairs(bad) do fail_unsendable(sk, n, b[1], b[2], now) end
-    failed = #bad
+    cursor = cursor + looked
+    budget = budget - looked
   end
-  cursor = cursor + #seqs
-  redis.call('HSET', sk, 'cursor', cursor)
-  return total - cursor, budget - #seqs, failed
+  for queue, e in pairs(entries) do redis.call('ZADD', queue, unpack(e)) end
+  if #queued > 0 then
+    redis.call('HSET', sk .. ':open', unpack(queued))
+    redis.call('HINCRBY', sk, COUNTER.p, -sent)
+    redis.call('HINCRBY', sk, COUNTER.q, sent)
+  end
+  for _, b in ipairs(bad) do fail_unsendable(sk, n, b[1], b[2], now) end
+  failed = #bad
+  local held = ''
+  if cursor < total then
+    if rated then held = 'rate' elseif sent >= room then held = why end
+  end
+  local set = {'cursor', int(cursor)}
+  if s_iv then set[#set + 1] = 'rate_next'; set[#set + 1] = tostring(s_next) end
+  if held ~= was_held then set[#set + 1] = 'held'; set[#set + 1] = held end
+  redis.call('HSET', sk, unpack(set))
+  if g_iv then redis.call('HSET', G, 'rate_next', tostring(g_next)) end
+  local left = 0
+  if budget <= 0 and cursor < total and not rated and sent < room then
+    left = math.min(room - sent, total - cursor)
+  end
+  if g_room then g_room = g_room - sent end
+  return left, budget, failed, g_room
 end
 
 local function complete_stage(n, now)
@@ -443,9 +571,19 @@ end
 local function finish_group(now, outcome)
   outcome = outcome or 'complete'
   local failed = 0
+  local ended = {successful = 0, failed = 0, cancelled = 0, retried = 0}
   for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
-    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled')
+    local c = redis.call('HMGET', stage_key(n), 'failed', 'cancelled', 'successful', 'retried')
     failed = failed + (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+    ended.failed = ended.failed + (tonumber(c[1]) or 0)
+    ended.cancelled = ended.cancelled + (tonumber(c[2]) or 0)
+    ended.successful = ended.successful + (tonumber(c[3]) or 0)
+    ended.retried = ended.retried + (tonumber(c[4]) or 0)
+  end
+  -- The prefix's cumulative totals (see the layout above): once per group, as it ends.
+  local totals = string.sub(INDEX, 1, #INDEX - #'groups') .. 'totals'
+  for field, k in pairs(ended) do
+    if k > 0 then redis.call('HINCRBY', totals, field, k) end
   end
   local text = summary(outcome, now)
   fire('complete', outcome, now, nil, text)
@@ -497,17 +635,19 @@ local function policy_breached(n)
   return false
 end
 
--- True when jobs of stage n failed at sending (send_chunk's third result) and that
+-- True when jobs of stage n failed at sending (top_up's third result) and that
 -- breaches the failure policy: the caller stops the group (stop_group), as finish_job
 -- does for a failed try.
 local function sent_failed(n, failed)
   return failed ~= nil and failed > 0 and not group_final() and policy_breached(n)
 end
 
--- Move the group on: keep sending the running stage(s); when none runs, start the
--- lowest pending stage (an empty one completes at once and the next is tried); when
--- every stage is complete the group finishes and its keys are deleted.
--- Returns {outcome, stage, jobs still to send}: outcome is 'running' or 'finished'.
+-- Move the group on: keep sending the running stage(s) (as their limits let, see
+-- top_up); when none runs, start the lowest pending stage (an empty one completes at
+-- once and the next is tried); when every stage is complete the group finishes and its
+-- keys are deleted.
+-- Returns {outcome, stage, jobs that could be sent now but wait for the next call
+-- (send_more)}: outcome is 'running' or 'finished'.
 local function advance(now)
   local budget = SEND_LIMIT
   while true do
@@ -522,13 +662,14 @@ local function advance(now)
     end
     if #running > 0 then
       local left, ended = 0, false
+      local g_room = group_room()
       for _, n in ipairs(running) do
         local l, failed
-        l, budget, failed = send_chunk(n, now, budget)
+        l, budget, failed, g_room = top_up(n, now, budget, g_room)
         if sent_failed(n, failed) then return stop_group(now, 'failed') end
         left = left + l
         -- jobs that failed at sending may have been the stage's last open ones
-        if l == 0 and redis.call('HLEN', stage_key(n) .. ':open') == 0 then
+        if redis.call('HLEN', stage_key(n) .. ':open') == 0 then
           complete_stage(n, now)
           ended = true
         end
@@ -543,9 +684,9 @@ local function advance(now)
       redis.call('HSET', sk, 'status', 'running', 'started', now)
       event({'stage', first_pending, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
       local left, failed
-      left, budget, failed = send_chunk(first_pending, now, budget)
+      left, budget, failed = top_up(first_pending, now, budget, group_room())
       if sent_failed(first_pending, failed) then return stop_group(now, 'failed') end
-      if left > 0 or redis.call('HLEN', sk .. ':open') > 0 then
+      if redis.call('HLEN', sk .. ':open') > 0 then
         return {'running', first_pending, left}
       end
       complete_stage(first_pending, now)
@@ -553,12 +694,37 @@ local function advance(now)
   end
 end
 
--- After a job of stage n left :open: complete the stage when it was the last open
--- job of a running stage, then move the group on.
+-- Top up after jobs left flight (see top_up): stage n alone, or, in a group with a cap
+-- or a rate (shared by its stages), every running stage, lowest first. Returns the jobs
+-- that could be sent now but wait for send_more, and true when a stage's jobs failed at
+-- sending and that breaches its failure policy.
+local function refill(n, now)
+  local gf = group_flow()
+  if not gf.cap and not gf.iv then
+    local left, _, failed = top_up(n, now, SEND_LIMIT, nil)
+    return left, sent_failed(n, failed)
+  end
+  local g_room, budget, left = group_room(), SEND_LIMIT, 0
+  for _, m in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+    if redis.call('HGET', stage_key(m), 'status') == 'running' then
+      local l, failed
+      l, budget, failed, g_room = top_up(m, now, budget, g_room)
+      left = left + l
+      if sent_failed(m, failed) then return left, true end
+    end
+  end
+  return left, false
+end
+
+-- After a job of stage n left :open, or left flight (a report, a cancel, a delete):
+-- top the window up; complete the stage when it was the last open job of a running
+-- stage, then move the group on.
 local function after_job_left(n, now)
   local sk = stage_key(n)
   if redis.call('HGET', sk, 'status') ~= 'running' then return {'open', n, 0} end
-  if redis.call('HLEN', sk .. ':open') > 0 then return {'open', n, 0} end
+  local left, breached = refill(n, now)
+  if breached then return stop_group(now, 'failed') end
+  if redis.call('HLEN', sk .. ':open') > 0 then return {'open', n, left} end
   complete_stage(n, now)
   if redis.call('HGET', G, 'status') ~= 'running' then return {'complete', n, 0} end
   return advance(now)

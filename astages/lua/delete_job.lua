@@ -16,9 +16,11 @@ redis.call('HDEL', sk .. ':done', seq)
 redis.call('HDEL', sk .. ':spec', seq)
 redis.call('HDEL', sk .. ':msg', seq)
 redis.call('HDEL', sk .. ':err', seq)
+-- the cursor (index of the next job to send) moves back only for a job before it
+local at = redis.call('LPOS', sk .. ':jobs', seq)
 redis.call('LREM', sk .. ':jobs', 1, seq)
 event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur or fin, 1, 1)], 'to', 'deleted'})
 local cursor = tonumber(redis.call('HGET', sk, 'cursor') or '0')
-if cursor > 0 then redis.call('HSET', sk, 'cursor', cursor - 1) end
+if at and at < cursor then redis.call('HSET', sk, 'cursor', cursor - 1) end
 if not cur then return {'open', n, 0} end
 return after_job_left(n, now_ms())

@@ -4,8 +4,8 @@
 -- a call re-sent after its reply was lost is answered by once(), _lib.lua), ARGV[8] the seq of
 -- the first job when reserved beforehand (reserve.lua; '' to take new ones here),
 -- ARGV[9..] are the jobs' specs (see _lib.lua). A pending stage only records them; a running stage hands
--- them to arq at once.
--- Returns {first seq, 1 if sent else 0} or an error code:
+-- them to arq through its window (at once when it has room, see top_up in _lib.lua).
+-- Returns {first seq, 1 if the stage runs (sent through its window) else 0} or an error code:
 -- 'GROUP_GONE', 'GROUP_FINISHED', 'STAGE_GONE', 'STAGE_COMPLETE', 'STAGE_CANCELLED', or
 -- 'BAD_SPEC:<i>:<why>' when the i-th spec (from 1) is one no script could send (nothing
 -- is written: every spec is checked before the first write).
@@ -49,9 +49,7 @@ redis.call('HSET', sk .. ':open', unpack(opens))
 redis.call('HINCRBY', sk, 'pending', count_new)
 follow_ttl(sk .. ':jobs', sk .. ':spec', sk .. ':open')
 if st ~= 'running' then return {first, 0} end
-local now = now_ms()
-for _, seq in ipairs(seqs) do
-  -- every spec is usable (checked above), so send() queues each
-  if send(sk, n, seq, now) then event({'job', n .. ':' .. seq, 'from', 'pending', 'to', 'queued'}) end
-end
+-- A running stage sends them through its window (top_up): at once when it has room,
+-- else as jobs ahead of them leave flight. Every spec is usable (checked above).
+top_up(n, now_ms(), math.max(SEND_LIMIT, count_new), group_room())
 return {first, 1}

@@ -1,5 +1,5 @@
--- Start stage ARGV[6] (or keep sending it when it runs already); the group is in
--- motion from then on. An empty stage completes at once and the group moves on.
+-- Start stage ARGV[6] (or keep sending it when it runs already, as far as its window,
+-- caps and rate let: see top_up in _lib.lua); the group is in motion from then on. An empty stage completes at once and the group moves on.
 -- Returns {outcome, stage, jobs still to send} or 'GROUP_GONE', 'STAGE_GONE',
 -- 'STAGE_COMPLETE', 'STAGE_CANCELLED'.
 if redis.call('EXISTS', G) == 0 then return 'GROUP_GONE' end
@@ -17,7 +17,7 @@ if st == 'pending' then
   redis.call('HSET', sk, 'status', 'running', 'started', now)
   event({'stage', n, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
 end
-local left, _, failed = send_chunk(n, now, SEND_LIMIT)
+local left, _, failed = top_up(n, now, SEND_LIMIT, group_room())
 if sent_failed(n, failed) then return stop_group(now, 'failed') end
 if left > 0 then return {'running', n, left} end
 return after_job_left(n, now)

@@ -139,7 +139,7 @@ async def test_running_and_waiting_jobs_are_left_alone(real_redis):
 
 async def test_stopped_chunked_sending_is_resumed(real_redis):
     """A stage whose chunked sending stopped half-way (its starter died) is sent on by the sweeper."""
-    group = await StagedGroup.create(real_redis, "big")
+    group = await StagedGroup.create(real_redis, "big", window=None)  # no window: sent whole, in chunks
     stage = await group.stage(1)
     await stage.enqueue_many([(work, (i,)) for i in range(SEND_LIMIT + 300)])
     await group.store.run("initiate_group", group.id)  # one chunk only: what a crash leaves

@@ -1,0 +1,302 @@
+"""Flow control (issue 13): windows, max_in_flight caps, rates and priorities, on the real
+server. Most tests drive the scripts directly (a report is ``finish_job``, as a worker's
+is), so what is in flight is exact; a few run real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+from arq.connections import ArqRedis
+from arq.constants import default_queue_name
+from helpers import run_burst
+from redis.asyncio import ConnectionPool
+
+from astages import (
+    DEFAULT_WINDOW,
+    AstagesError,
+    Cleaner,
+    FlowLimits,
+    InFlightCapReached,
+    Rate,
+    StagedGroup,
+    within_a_grouping,
+)
+from astages.sweeper import Sweeper
+
+
+async def noop(ctx, i):
+    """Does nothing."""
+
+
+async def queued_ids(redis) -> list[str]:
+    return [m.decode() for m in await redis.zrange(default_queue_name, 0, -1)]
+
+
+async def report(group: StagedGroup, number: int, seq: int, outcome: str = "s") -> None:
+    """What a worker's end of a job does: arq drops its queue entry, then astages' report,
+    finish_job (which tops the window up)."""
+    await group.redis.zrem(default_queue_name, group.store.keys.job_id(group.id, number, seq))
+    await group.store.move("finish_job", group.id, number, seq, 1, outcome, "boom" if outcome == "f" else "")
+
+
+async def make(redis, jobs: int, stages: int = 1, **options) -> tuple[StagedGroup, list]:
+    group = await StagedGroup.create(redis, "flow", **options)
+    out = []
+    for n in range(1, stages + 1):
+        out.append(await group.stage(n).enqueue_many([(noop, (i,)) for i in range(jobs)]))
+    return group, out
+
+
+def test_lua_and_python_default_windows_agree():
+    """DEFAULT_WINDOW in astages/_flow.py is the one lua/_lib.lua uses."""
+    from importlib import resources
+
+    lib = (resources.files("astages") / "lua" / "_lib.lua").read_text()
+    assert f"local DEFAULT_WINDOW = {DEFAULT_WINDOW}\n" in lib
+
+
+async def test_a_running_stage_keeps_a_window_of_jobs_in_flight(real_redis):
+    """A 50-job stage with window 10 sends its first 10; each report sends the next one, in enqueue order."""
+    group, (jobs,) = await make(real_redis, 50, window=10)
+    await group.initiate()
+    stage = group.stage(1)
+    info = await stage.info()
+    assert (info.progress.in_flight, info.progress.waiting, info.held) == (10, 40, "window")
+    assert await queued_ids(real_redis) == [j.id for j in jobs[:10]]
+    await report(group, 1, 1)
+    assert await queued_ids(real_redis) == [j.id for j in jobs[1:11]]
+    for seq in range(2, 45):
+        await report(group, 1, seq)
+    info = await stage.info()
+    assert (info.progress.in_flight, info.progress.waiting, info.held) == (6, 0, None)
+    assert await queued_ids(real_redis) == [j.id for j in jobs[44:]]
+    for seq in range(45, 51):
+        await report(group, 1, seq)
+    assert not await group.exists()
+
+
+async def test_default_window_and_no_window(real_redis):
+    """Groups get DEFAULT_WINDOW unless made with window=None (a stage sent whole)."""
+    group, _ = await make(real_redis, DEFAULT_WINDOW + 5)
+    assert (await group.limits()).window == DEFAULT_WINDOW
+    await group.initiate()
+    assert (await group.stage(1).progress()).in_flight == DEFAULT_WINDOW
+    whole, _ = await make(real_redis, DEFAULT_WINDOW + 5, window=None)
+    assert (await whole.limits()).window is None
+    await whole.initiate()
+    assert (await whole.stage(1).progress()).in_flight == DEFAULT_WINDOW + 5
+
+
+async def test_a_small_group_is_not_queued_behind_a_big_one(real_redis):
+    """With a big group running, a later group's jobs have at most a window of the big group's jobs ahead."""
+    big, _ = await make(real_redis, 500, window=20)
+    await big.initiate()
+    small, (jobs,) = await make(real_redis, 3)
+    await small.initiate()
+    ids = await queued_ids(real_redis)
+    assert len(ids) == 23 and ids[-3:] == [j.id for j in jobs]
+
+
+async def test_stage_cap_and_group_cap(real_redis):
+    """A stage cap bounds its stage; a group cap counts every running stage; set_limits tops up at once."""
+    group, _ = await make(real_redis, 20, stages=2, max_in_flight=5)
+    await group.stage(1).set_limits(max_in_flight=2)
+    assert (await group.stage(1).limits()) == FlowLimits(max_in_flight=2, window=DEFAULT_WINDOW)
+    await group.stage(1).initiate()
+    info = await group.stage(1).info()
+    assert (info.progress.in_flight, info.held) == (2, "stage_cap")
+    await group.stage(2).initiate()  # both stages run: the group's cap leaves 3 for stage 2
+    info2 = await group.stage(2).info()
+    assert (info2.progress.in_flight, info2.held) == (3, "group_cap")
+    await report(group, 2, 1)  # room under the group cap goes to the lowest running stage with room
+    assert (await group.stage(1).progress()).in_flight + (await group.stage(2).progress()).in_flight == 5
+    await group.stage(1).set_limits(max_in_flight=None)
+    await group.set_limits(max_in_flight=12)
+    p1, p2 = await group.stage(1).progress(), await group.stage(2).progress()
+    assert p1.in_flight + p2.in_flight == 12
+    assert not await Cleaner.check(real_redis)
+
+
+async def test_rate_spaces_the_scores_of_jobs_sent(real_redis):
+    """rate='20/s' gives the jobs sent scores 50 ms apart, at most about a second ahead."""
+    group, (_jobs,) = await make(real_redis, 100, rate="20/s")
+    before = int(time.time() * 1000)
+    await group.initiate()
+    scores = [int(s) for _, s in await real_redis.zrange(default_queue_name, 0, -1, withscores=True)]
+    assert 20 <= len(scores) <= 22
+    assert scores[0] >= before - 5
+    assert all(49 <= b - a <= 51 for a, b in itertools.pairwise(scores))
+    assert (await group.stage(1).info()).held == "rate"
+    assert (await group.limits()).rate == "20/s"
+
+
+async def test_a_slow_rate_still_sends_one_job(real_redis):
+    """A stage with nothing in flight sends one job whatever its rate's next slot, so it is never stuck."""
+    group, (jobs,) = await make(real_redis, 3)
+    await group.stage(1).set_limits(rate="1/h")
+    await group.initiate()
+    assert len(await queued_ids(real_redis)) == 1
+    await report(group, 1, 1)
+    ids = await queued_ids(real_redis)
+    assert ids == [jobs[1].id]
+    score = await real_redis.zscore(default_queue_name, jobs[1].id)
+    assert score > time.time() * 1000 + 3_500_000  # an hour after the first
+
+
+async def test_priority_puts_a_group_ahead_within_its_head_start(real_redis):
+    """A group with priority=30 has its jobs scored 30 s earlier: ahead of jobs sent before it, not of older ones."""
+    plain, (pjobs,) = await make(real_redis, 3)
+    await plain.initiate()
+    urgent, (ujobs,) = await make(real_redis, 3, priority=30)
+    await urgent.initiate()
+    assert await queued_ids(real_redis) == [j.id for j in ujobs + pjobs]
+    ps = await real_redis.zscore(default_queue_name, pjobs[0].id)
+    us = await real_redis.zscore(default_queue_name, ujobs[0].id)
+    assert 29_000 <= ps - us <= 31_000  # bounded: a plain job waits at most 30 s more
+
+
+async def test_growth_goes_through_the_window(real_redis):
+    """Jobs enqueued into a running stage wait for the window, behind the stage's waiting jobs."""
+    group, (_jobs,) = await make(real_redis, 5, window=5)
+    await group.initiate()
+    more = await group.stage(1).enqueue_many([(noop, (i,)) for i in range(3)])
+    p = await group.stage(1).progress()
+    assert (p.in_flight, p.waiting) == (5, 3)
+    await report(group, 1, 2)
+    assert (await queued_ids(real_redis))[-1] == more[0].id
+
+
+async def test_enqueue_job_goes_past_the_window_not_past_a_cap(real_redis):
+    """job.enqueue_job() sends a waiting job past the window, but raises InFlightCapReached at a full cap."""
+    group, (jobs,) = await make(real_redis, 10, window=2)
+    await group.initiate()
+    await jobs[7].enqueue_job()
+    assert (await group.stage(1).progress()).in_flight == 3
+    await group.stage(1).set_limits(max_in_flight=3)
+    with pytest.raises(InFlightCapReached):
+        await jobs[8].enqueue_job()
+
+
+async def test_cancel_and_delete_top_up(real_redis):
+    """Deleting a job in flight tops the window up; deleting waiting jobs keeps the cursor right; cancel ends all."""
+    group, (jobs,) = await make(real_redis, 10, window=3)
+    await group.initiate()
+    await jobs[6].delete()  # waiting: behind the cursor, which stays
+    await jobs[0].delete()  # in flight: the next waiting one goes
+    assert await queued_ids(real_redis) == [j.id for j in jobs[1:4]]
+    for seq in (2, 3, 4, 5, 6, 8, 9):
+        await report(group, 1, seq)
+    assert await queued_ids(real_redis) == [jobs[9].id]
+    assert not await Cleaner.check(real_redis)
+    await group.stage(1).cancel()
+    assert not await group.exists()
+    assert not await queued_ids(real_redis)
+
+
+async def test_halt_policy_with_a_window(real_redis):
+    """A halting failure cancels the waiting jobs too: nothing more is sent."""
+    group, _ = await make(real_redis, 10, window=2, failure_policy="halt")
+    await group.initiate()
+    await report(group, 1, 1, "f")
+    assert not await group.exists()
+    assert not await queued_ids(real_redis)
+
+
+async def test_limits_are_checked(real_redis):
+    """Bad limits raise AstagesError and create nothing."""
+    for bad in (
+        {"max_in_flight": 0},
+        {"max_in_flight": 2.5},
+        {"rate": "50"},
+        {"rate": "0/s"},
+        {"rate": "1/y"},
+        {"priority": -1},
+        {"window": 0},
+        {"rate": 5},
+    ):
+        with pytest.raises(AstagesError):
+            await StagedGroup.create(real_redis, "bad", **bad)
+    assert await StagedGroup.count(real_redis) == 0
+    assert Rate.of("600/m").per_second == 10 and Rate.of("36/h").interval_ms == 100_000
+
+
+async def test_sweeper_nudges_a_window_left_unfilled(real_redis):
+    """A stage whose window a crash left empty (nothing in flight, jobs waiting) is topped up by the sweeper."""
+    group, (jobs,) = await make(real_redis, 4, window=2)
+    await group.initiate()
+    # a crash: arq's entries and the stage's in-flight jobs vanish as if never sent
+    sk = group.store.keys.stage(group.id, 1)
+    await real_redis.delete(default_queue_name)
+    await real_redis.hset(f"{sk}:open", mapping={"1": "p", "2": "p"})
+    await real_redis.hset(sk, mapping={"queued": 0, "pending": 4, "cursor": 0})
+    report_ = await Sweeper(real_redis).sweep()
+    assert report_.nudged == 1
+    assert await queued_ids(real_redis) == [j.id for j in jobs[:2]]
+    assert not await Cleaner.check(real_redis)
+
+
+async def test_a_waiting_window_is_not_stuck_for_the_sweeper(real_redis):
+    """A full window with jobs waiting is healthy: the sweeper does not nudge it."""
+    group, _ = await make(real_redis, 10, window=2)
+    await group.initiate()
+    assert (await Sweeper(real_redis).sweep()).nudged == 0
+
+
+async def test_check_finds_a_cap_exceeded_and_a_job_skipped(real_redis):
+    """Cleaner.check reports a stage over its cap and a pending job before the cursor."""
+    group, (_jobs,) = await make(real_redis, 6, window=2)
+    await group.initiate()
+    sk = group.store.keys.stage(group.id, 1)
+    await real_redis.hset(sk, "max_in_flight", 1)
+    await real_redis.hset(sk, "cursor", 4)
+    breaches = (await Cleaner.check(real_redis))[group.id]
+    assert any("in flight 2 > max_in_flight 1" in b for b in breaches)
+    assert any("pending jobs before the cursor" in b for b in breaches)
+
+
+CONCURRENT = "flowtest:concurrent"
+PEAK = "flowtest:peak"
+
+
+async def counted(ctx, i):
+    """Counts jobs running at once across workers (the peak kept in Redis)."""
+    redis = ctx["redis"]
+    now = await redis.incr(CONCURRENT)
+    await redis.eval(
+        "if tonumber(redis.call('GET', KEYS[1]) or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end",
+        1,
+        PEAK,
+        now,
+    )
+    await asyncio.sleep(0.01)
+    await redis.decr(CONCURRENT)
+
+
+async def test_a_cap_holds_with_real_workers(real_redis):
+    """Two workers of 20 slots each run a 60-job stage capped at 3: never more than 3 at once, and 3 reached."""
+    group = await StagedGroup.create(real_redis, "capped", max_in_flight=3)
+    await group.stage(1).enqueue_many([(counted, (i,)) for i in range(60)])
+    await group.initiate()
+    other = ArqRedis(connection_pool=ConnectionPool(**real_redis.connection_pool.connection_kwargs))
+    try:  # a worker closes its pool when it stops: each worker has its own
+        await asyncio.gather(run_burst(real_redis, [counted]), run_burst(other, [counted]))
+    finally:
+        await other.aclose()
+    assert not await group.exists()
+    assert int(await real_redis.get(PEAK)) == 3
+
+
+async def test_within_a_grouping_takes_the_options_and_run_group_works(real_redis):
+    """within_a_grouping takes the flow options; astages.testing.run_group runs a windowed, capped, rated group."""
+    from astages.testing import run_group
+
+    async with within_a_grouping(real_redis, "g", window=4, max_in_flight=3, rate="200/s") as group:
+        for i in range(12):
+            await group.stage(1).enqueue(noop, i)
+    assert (await group.limits()) == FlowLimits(max_in_flight=3, rate="200/s", window=4)
+    run = await run_group(real_redis, group, [noop])
+    assert len(run.successful) == 12
+    assert (await StagedGroup.count(real_redis)) == 0

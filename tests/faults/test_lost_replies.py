@@ -253,6 +253,22 @@ async def job_message(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await job_of(redis, ctx, 1, 1)).set_status_message("half way")
 
 
+async def create_limited(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await StagedGroup.create(redis, "limited", max_in_flight=3, rate="10/s", priority=5, window=20)
+
+
+async def group_limits(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await group_of(redis, ctx)).set_limits(max_in_flight=2, rate="5/s", priority=1, window=None)
+
+
+async def stage_limits(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await stage_of(redis, ctx, 1)).set_limits(max_in_flight=1, rate="5/s")
+
+
+async def handle_limits_new_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    return await (await group_of(redis, ctx)).stage(3).set_limits(max_in_flight=1)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -305,6 +321,10 @@ CASES = [
     Case("job.retry, failed job of a running stage", one_failed, job_retry),
     Case("job.retry, job not failed (raises)", one_failed, job_retry_not_failed),
     Case("stage.retry_failed", one_failed, stage_retry_failed),
+    Case("StagedGroup.create with flow limits", nothing, create_limited),
+    Case("group.set_limits, running group", running, group_limits),
+    Case("stage.set_limits, running stage", running, stage_limits),
+    Case("group.stage(n).set_limits, missing stage (made)", pending, handle_limits_new_stage),
 ]
 
 

@@ -17,6 +17,7 @@ from typing import IO
 
 import click
 
+from astages._flow import HELD
 from astages.exceptions import AstagesError
 from astages.group import StagedGroup
 from astages.models import GroupSummary, StageInfo, StageProgress, StageStatus
@@ -34,6 +35,7 @@ class StageRow:
     progress: StageProgress | None
     label: str = ""
     duration: float | None = None  # seconds from the stage's start to its end (or to now)
+    held: str | None = None  # what holds its waiting jobs back (StageInfo.held), if anything
 
     @property
     def done(self) -> bool:
@@ -42,7 +44,8 @@ class StageRow:
     @classmethod
     def of(cls, info: StageInfo, label: str = "") -> StageRow:
         """The row of a stage; its label is ``label``, else the stage's name."""
-        return cls(info.number, info.status.value, info.progress, label or info.name or "", seconds(info.duration))
+        label = label or info.name or ""
+        return cls(info.number, info.status.value, info.progress, label, seconds(info.duration), info.held)
 
 
 def seconds(duration: dt.timedelta | None) -> float | None:
@@ -130,7 +133,11 @@ class Board:
         if p.failed:
             tail = tail.replace(f"{ko}{p.failed}", self._style(f"{ko}{p.failed}", fg="red"))
         took = "" if row.duration is None else f" {row.duration:.2f}s"
-        return f"{name}  [{drawn}]  {counts}  {tail}  {row.status}{took}"
+        flow = ""
+        if row.status == StageStatus.RUNNING.value and p.pending:
+            held = "" if row.held is None else f", held by {HELD.get(row.held, row.held)}"
+            flow = f"  ({p.in_flight:,} in flight, {p.pending:,} waiting{held})"
+        return f"{name}  [{drawn}]  {counts}  {tail}  {row.status}{took}{flow}"
 
     def draw(self, rows: list[StageRow]) -> None:
         label_width = max((len(row.label) for row in rows), default=0)

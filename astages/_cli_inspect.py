@@ -13,6 +13,7 @@ import click
 from arq.connections import ArqRedis
 
 from astages._board import Board, StageRow, ended_rows, finished, seconds, snapshot
+from astages._flow import HELD, FlowLimits
 from astages._keys import Keys
 from astages.cli import (
     CommandError,
@@ -37,7 +38,7 @@ from astages.cli import (
 )
 from astages.exceptions import GroupNotFound, StageNotFound
 from astages.group import StagedGroup
-from astages.models import Event, GroupSummary, JobStatus, StageProgress
+from astages.models import Event, GroupSummary, JobStatus, StageInfo, StageProgress
 from astages.stage import StagedGroupStage
 
 # -- astages groups / show / watch --------------------------------------------------------
@@ -133,8 +134,50 @@ async def _stage_detail(stage: StagedGroupStage, limit: int | None) -> dict[str,
         "finished": iso(info.finished),
         "duration": seconds(info.duration),
         "progress": info.progress.as_dict(),
+        "flow": flow_dict(info),
         "jobs": rows,
     }
+
+
+def flow_dict(info: StageInfo) -> dict[str, Any]:
+    """A stage's flow control as shown: in flight, waiting, what holds it back, its own limits."""
+    p = info.progress
+    return {
+        "in_flight": p.in_flight,
+        "waiting": p.waiting,
+        "held_by": None if info.held is None else HELD.get(info.held, info.held),
+        "max_in_flight": info.max_in_flight,
+        "rate": info.rate,
+    }
+
+
+def limits_dict(limits: FlowLimits) -> dict[str, Any]:
+    return {
+        "window": limits.window,
+        "max_in_flight": limits.max_in_flight,
+        "rate": limits.rate,
+        "priority": limits.priority,
+    }
+
+
+def flow_line(flow: dict[str, Any], status: str) -> str:
+    """``  1,000 in flight, 99,000 waiting (held by window); stage max 20 in flight, 50/s``,
+    or '' for a stage with nothing to say (not running, no limit of its own)."""
+    own = ", ".join(
+        part
+        for part in (
+            None if flow["max_in_flight"] is None else f"max {flow['max_in_flight']:,} in flight",
+            flow["rate"],
+        )
+        if part
+    )
+    parts = []
+    if status == "running":
+        held = f" (held by {flow['held_by']})" if flow["held_by"] else ""
+        parts.append(f"{flow['in_flight']:,} in flight, {flow['waiting']:,} waiting to be sent{held}")
+    if own:
+        parts.append(f"stage limits: {own}")
+    return ("  " + "; ".join(parts)) if parts else ""
 
 
 @main.command()
@@ -160,6 +203,7 @@ def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool,
             "created_at": iso(group.created_at),
             "status": status.value,
             "summary": None if summary is None else summary_dict(summary),
+            "limits": limits_dict(await group.limits()),
             "stages": stages,
         }
         return data, summary
@@ -170,6 +214,12 @@ def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool,
         return
     created = when(dt.datetime.fromisoformat(data["created_at"]) if data["created_at"] else None)
     click.echo(f"group {data['id']}  {data['description']!r}  {data['status']}  created {created}")
+    limits = data["limits"]
+    click.echo(
+        "limits: window "
+        + ("none" if limits["window"] is None else f"{limits['window']:,}")
+        + "".join(f", {k} {v}" for k, v in limits.items() if k != "window" and v)
+    )
     if summary is not None:
         click.echo(f"outcome: {outcome_line(summary)}")
         failed_jobs = failed_jobs_line(summary)
@@ -183,6 +233,9 @@ def show(redis_url: str, prefix: str, group_id: str, limit: int, show_all: bool,
             took = f"  in {stage['duration']:.2f}s" if stage["finished"] else f"  for {stage['duration']:.2f}s so far"
         label = stage_label(stage["number"], stage["name"])
         click.echo(f"\n{label}  {stage['status']}  {plural(p['total'], 'job')}: {counts}{took}")
+        flow = flow_line(stage["flow"], stage["status"])
+        if flow:
+            click.echo(flow)
         if not stage["jobs"]:
             continue
         rows = []

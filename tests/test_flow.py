@@ -300,3 +300,34 @@ async def test_within_a_grouping_takes_the_options_and_run_group_works(real_redi
     run = await run_group(real_redis, group, [noop])
     assert len(run.successful) == 12
     assert (await StagedGroup.count(real_redis)) == 0
+
+
+async def test_show_watch_and_dashboard_show_what_holds_a_stage(real_redis, redis_server):
+    """show, the watch board and the stage and group pages say what is in flight, waiting and holding it back."""
+    import httpx
+    from click.testing import CliRunner
+
+    from astages._board import Board, snapshot
+    from astages.cli import main
+    from astages.web import create_app
+
+    group, _ = await make(real_redis, 30, window=5)
+    await group.stage(1).set_limits(max_in_flight=4, rate="100/s")
+    await group.initiate()
+    info = await group.stage(1).info()
+    assert info.held in ("stage_cap", "rate") and info.progress.waiting == 26
+
+    def show() -> str:
+        return CliRunner().invoke(main, ["show", "--redis-url", str(redis_server.url), group.id]).output
+
+    out = await asyncio.to_thread(show)
+    assert "limits: window 5" in out and "4 in flight, 26 waiting to be sent (held by " in out
+    assert "stage limits: max 4 in flight, 100/s" in out
+    rows = await snapshot(group)
+    assert rows is not None and "(4 in flight, 26 waiting, held by " in Board(live=False, color=False).line(rows[0])
+    app = create_app(real_redis)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        stage_page = (await client.get(f"/groups/{group.id}/stages/1")).text
+        group_page = (await client.get(f"/groups/{group.id}")).text
+    assert "4 in flight · 26 waiting to be sent" in stage_page and "held by" in stage_page
+    assert "held by" in group_page

@@ -120,7 +120,21 @@ def demo(redis_url: str | None, photos: int, quick: bool, verbose: bool, as_json
     multiple=True,
     help="Origin (https://ops.example.com) a reverse proxy that rewrites Host serves the pages from; repeatable.",
 )
-def web(redis_url: str, prefix: str, host: str, port: int, root_path: str, trusted_origins: tuple[str, ...]) -> None:
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    help="An arq queue the operations view always shows (besides arq:queue and the stages' queues); repeatable.",
+)
+def web(
+    redis_url: str,
+    prefix: str,
+    host: str,
+    port: int,
+    root_path: str,
+    trusted_origins: tuple[str, ...],
+    queues: tuple[str, ...],
+) -> None:
     """Serve the web dashboard (needs the web extra: pip install 'astages[web]', or
     pip install -e '.[web]' in a clone).
 
@@ -140,7 +154,9 @@ def web(redis_url: str, prefix: str, host: str, port: int, root_path: str, trust
             f"the dashboard needs the web extra: pip install 'astages[web]' (in a clone: pip install -e '.[web]') ({e})"
         ) from None
     try:
-        settings = WebSettings.of(redis_url, host, port, prefix, root_path, trusted_origins=trusted_origins)
+        settings = WebSettings.of(
+            redis_url, host, port, prefix, root_path, trusted_origins=trusted_origins, queues=queues
+        )
     except ValueError as e:
         raise CommandError(str(e)) from None
     where = f"http://{host}:{port}{settings.root_path}/"

@@ -361,9 +361,10 @@ async def sample(redis: Any, keys: Keys, cap: int = SERIES_CAP) -> dict[str, int
     return counts
 
 
-async def read_series(redis: Any, keys: Keys, count: int = SERIES_CAP) -> list[Sample]:
-    """The newest ``count`` samples, oldest first."""
-    raw = await redis.xrevrange(keys.series, count=count)
+async def read_series(redis: Any, keys: Keys, count: int = SERIES_CAP, since_ms: int | None = None) -> list[Sample]:
+    """The newest ``count`` samples (those taken at ``since_ms`` or later when given), oldest first."""
+    low = "-" if since_ms is None else str(max(0, since_ms))
+    raw = await redis.xrevrange(keys.series, max="+", min=low, count=count)
     out = []
     for entry_id, fields in reversed(raw):
         values = {_s(k): _int(v) for k, v in fields.items()}

@@ -36,6 +36,7 @@ class Dashboard:
     title: str
     poll_ms: int
     trusted_origins: frozenset[str] = frozenset()
+    queues: tuple[str, ...] = ()  # arq queues the operations view always shows
 
 
 def create_app(
@@ -48,6 +49,7 @@ def create_app(
     poll_ms: int = 2000,
     debug: bool = False,
     trusted_origins: Iterable[str] = (),
+    queues: Iterable[str] = (),
 ) -> Starlette:
     """The dashboard for the groups under key prefix ``prefix`` of ``redis``.
 
@@ -56,7 +58,9 @@ def create_app(
     (random per app when not given, which is fine for one process). The caller owns
     ``redis`` and closes it. ``trusted_origins`` (``https://ops.example.com``): the
     origins the dashboard's pages are served from when a reverse proxy in front of it
-    rewrites the ``Host`` header (its forms are otherwise refused as cross-site)."""
+    rewrites the ``Host`` header (its forms are otherwise refused as cross-site).
+    ``queues``: arq queues the operations view (``/ops``) shows besides the default queue
+    and those the running stages send to."""
     dashboard = Dashboard(
         store=Store(redis, Keys(prefix)),
         env=environment(),
@@ -64,12 +68,15 @@ def create_app(
         title=title,
         poll_ms=poll_ms,
         trusted_origins=frozenset(normal_origin(o) for o in trusted_origins),
+        queues=tuple(dict.fromkeys(queues)),
     )
     routes = [
         Route("/", pages.groups_html, name="groups"),
         Route("/groups/{group_id}", pages.group_html, name="group"),
         Route("/groups/{group_id}/stages/{number}", pages.stage_html, name="stage"),
         Route("/groups/{group_id}/stages/{number}/jobs/{seq}", pages.job_html, name="job"),
+        Route("/ops", pages.ops_html, name="ops"),
+        Route("/api/ops", pages.ops_json, name="api_ops"),
         Route("/api/groups", pages.groups_json, name="api_groups"),
         Route("/api/groups/{group_id}", pages.group_json, name="api_group"),
         Route("/api/groups/{group_id}/events", pages.events_json, name="api_events"),

@@ -3,6 +3,9 @@
 Sorted by creation time with ZRANGE, by description with Redis' ``SORT ... BY`` (server
 side, one page in the reply); by number of stages or by progress among the
 ``GROUP_SORT_LIMIT`` newest groups (a bound the page states when it applies).
+Searched (a substring of the description or the id, any case) and filtered by status
+among the ``GROUP_SEARCH_LIMIT`` newest groups, plus an exact group id wherever it is in
+the index: one HMGET per group looked at, never a scan of the keyspace.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from astages.web._shared import add, iso, percent, progress_json, seconds
 GROUP_PAGE_SIZE = 20
 GROUP_SORT_LIMIT = 5_000
 GROUP_SORTS = ("created", "description", "stages", "progress")
+GROUP_SEARCH_LIMIT = 5_000
+GROUP_STATUSES = ("pending", "running", "complete", "failed", "cancelled")
+GROUP_ID_LENGTH = 32
 
 
 class StageView:
@@ -128,6 +134,7 @@ class GroupRow:
             "current_stage": self.current_stage,
             "current_stage_name": self.current_stage_name,
             "progress": progress_json(self.progress),
+            "failed": self.progress.failed,
         }
 
 
@@ -140,6 +147,13 @@ class GroupsPage:
     page: int
     page_size: int
     sort_limited: bool  # sorted among the GROUP_SORT_LIMIT newest groups only
+    q: str = ""  # the search: a substring of the description or the id
+    status: str = ""  # the status filter ("" for any)
+    search_limited: bool = False  # searched among the GROUP_SEARCH_LIMIT newest groups only
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.q or self.status)
 
     @property
     def pages(self) -> int:
@@ -158,6 +172,9 @@ class GroupsPage:
             "sort": self.sort,
             "order": self.order,
             "sort_limited": self.sort_limited,
+            "q": self.q,
+            "status": self.status,
+            "search_limited": self.search_limited,
             "live": self.live,
             "groups": [row.as_json() for row in self.rows],
         }
@@ -201,8 +218,58 @@ async def group_rows(store: Store, ids: list[str]) -> list[GroupRow]:
     return rows
 
 
-async def groups_page(store: Store, sort: str, order: str, page: int, page_size: int = GROUP_PAGE_SIZE) -> GroupsPage:
-    """One page of the groups list, sorted by ``sort`` (see GROUP_SORTS)."""
+@dataclass(frozen=True, slots=True)
+class _Found:
+    id: str
+    description: str
+    created: int
+
+
+async def search(store: Store, q: str, status: str, limit: int = GROUP_SEARCH_LIMIT) -> tuple[list[_Found], bool]:
+    """The groups among the ``limit`` newest (and the group whose id is ``q``) whose
+    description or id holds ``q`` (any case) and whose status is ``status`` ("" for
+    any), newest first; and whether groups beyond ``limit`` were left unsearched."""
+    redis, keys = store.redis, store.keys
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.index)
+        pipe.zrevrange(keys.index, 0, limit - 1)
+        pipe.zscore(keys.index, q[:GROUP_ID_LENGTH] if q else "")
+        total, raw, exact = await pipe.execute()
+    ids = [text(i) for i in raw]
+    if q and exact is not None and q not in ids:
+        ids.insert(0, q)  # an id given in full is found wherever it is
+    async with redis.pipeline(transaction=False) as pipe:
+        for group_id in ids:
+            pipe.hmget(keys.group(group_id), ["description", "created", "status"])
+        heads = await pipe.execute(raise_on_error=False)
+    needle = q.casefold()
+    found = []
+    for group_id, head in zip(ids, heads, strict=True):
+        if isinstance(head, Exception) or head[1] is None:
+            continue  # gone meanwhile, or not a group's hash
+        description = text(head[0]) if head[0] is not None else group_id
+        if needle and needle not in description.casefold() and needle not in group_id:
+            continue
+        if status and (text(head[2]) if head[2] is not None else "pending") != status:
+            continue
+        found.append(_Found(group_id, description, int(head[1])))
+    found.sort(key=lambda f: f.created, reverse=True)
+    return found, int(total) > limit
+
+
+async def groups_page(
+    store: Store,
+    sort: str,
+    order: str,
+    page: int,
+    page_size: int = GROUP_PAGE_SIZE,
+    q: str = "",
+    status: str = "",
+) -> GroupsPage:
+    """One page of the groups list, sorted by ``sort`` (see GROUP_SORTS), of the groups
+    that match the search ``q`` and the status ``status`` when given (see ``search``)."""
+    if q or status:
+        return await _filtered_page(store, sort, order, page, page_size, q, status)
     redis, keys = store.redis, store.keys
     total = await StagedGroup.count(redis, prefix=keys.prefix)
     pages = max(1, math.ceil(total / page_size))
@@ -230,6 +297,31 @@ async def groups_page(store: Store, sort: str, order: str, page: int, page_size:
             every.sort(key=lambda row: (percent(row.progress), row.progress.total), reverse=desc)
         rows = every[offset : offset + page_size]
     return GroupsPage(tuple(rows), total, sort, order, page, page_size, limited)
+
+
+async def _filtered_page(
+    store: Store, sort: str, order: str, page: int, page_size: int, q: str, status: str
+) -> GroupsPage:
+    found, limited = await search(store, q, status)
+    total = len(found)
+    pages = max(1, math.ceil(total / page_size))
+    page = min(max(1, page), pages)
+    offset = (page - 1) * page_size
+    desc = order == "desc"
+    if sort in ("created", "description"):
+        if sort == "description":
+            found.sort(key=lambda f: f.description.casefold(), reverse=desc)
+        elif not desc:
+            found.reverse()
+        rows = await group_rows(store, [f.id for f in found[offset : offset + page_size]])
+    else:
+        every = await group_rows(store, [f.id for f in found])
+        if sort == "stages":
+            every.sort(key=lambda row: (row.num_stages, row.created_at or ms_to_datetime(0)), reverse=desc)
+        else:
+            every.sort(key=lambda row: (percent(row.progress), row.progress.total), reverse=desc)
+        rows = every[offset : offset + page_size]
+    return GroupsPage(tuple(rows), total, sort, order, page, page_size, False, q, status, limited)
 
 
 async def group_detail(store: Store, group_id: str) -> GroupRow:

@@ -21,8 +21,9 @@ from astages.web.grouppage import (
     summary_json,
     timeline,
 )
-from astages.web.groups import GROUP_SORTS, GroupsPage, groups_page
+from astages.web.groups import GROUP_SORTS, GROUP_STATUSES, GroupsPage, groups_page
 from astages.web.jobpage import job_detail
+from astages.web.opspage import WINDOWS, OpsPage, ops_page
 from astages.web.stagepage import StagePage, StageQuery, stage_page
 from astages.web.templating import render, url
 
@@ -57,6 +58,31 @@ def _query(request: Request) -> dict[str, str]:
     return dict(request.query_params)
 
 
+SEARCH_MAX = 200  # characters of a search kept
+
+
+# -- operations -----------------------------------------------------------------------------
+
+
+async def _ops(request: Request) -> OpsPage:
+    dashboard: Dashboard = request.app.state.astages
+    window = pick(request.query_params.get("window"), tuple(WINDOWS))
+    return await ops_page(dashboard.store, dashboard.queues, window)
+
+
+async def ops_html(request: Request) -> Response:
+    """Queues, workers, and jobs finished over time."""
+    data = await _ops(request)
+    live = url(request, "api_ops", {"window": data.window})
+    dashboard: Dashboard = request.app.state.astages
+    context = {"data": data, "windows": tuple(WINDOWS), "queues_given": bool(dashboard.queues)}
+    return render(request, "ops.html", context, live_url=live)
+
+
+async def ops_json(request: Request) -> Response:
+    return _json((await _ops(request)).as_json())
+
+
 # -- groups list ---------------------------------------------------------------------------
 
 
@@ -66,13 +92,17 @@ async def _groups(request: Request) -> GroupsPage:
     default_order = "desc" if sort == "created" else "asc"
     order = params.get("order") if params.get("order") in ORDERS else default_order
     page = to_int(params.get("page"), 1, 1)
-    return await groups_page(_store(request), sort, str(order), page)
+    q = (params.get("q") or "").strip()[:SEARCH_MAX]
+    status = params.get("status") or ""
+    status = status if status in GROUP_STATUSES else ""
+    return await groups_page(_store(request), sort, str(order), page, q=q, status=status)
 
 
 async def groups_html(request: Request) -> Response:
     data = await _groups(request)
     live = url(request, "api_groups", _query(request)) if data.live else None
-    return render(request, "groups.html", {"data": data, "pager": pager(data.page, data.pages)}, live_url=live)
+    context = {"data": data, "pager": pager(data.page, data.pages), "statuses": GROUP_STATUSES}
+    return render(request, "groups.html", context, live_url=live)
 
 
 async def groups_json(request: Request) -> Response:

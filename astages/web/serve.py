@@ -57,6 +57,7 @@ class WebSettings:
     login: tuple[str, str] | None = None
     secret: bytes | None = None
     trusted_origins: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()  # arq queues the operations view always shows
 
     @classmethod
     def of(
@@ -68,6 +69,7 @@ class WebSettings:
         root_path: str = "",
         environ: Mapping[str, str] | None = None,
         trusted_origins: tuple[str, ...] = (),
+        queues: tuple[str, ...] = (),
     ) -> WebSettings:
         """Settings from the options and ``environ``; UnsafeBind when a non-loopback
         address would be served without a password."""
@@ -80,7 +82,15 @@ class WebSettings:
         origins = list(trusted_origins) + [o for o in (env.get(TRUSTED_ORIGINS_ENV) or "").split(",") if o.strip()]
         normal = tuple(normal_origin(o) for o in origins)  # ValueError names a bad one
         return cls(
-            redis_url, host, port, prefix, root_path.rstrip("/"), login, secret.encode() if secret else None, normal
+            redis_url,
+            host,
+            port,
+            prefix,
+            root_path.rstrip("/"),
+            login,
+            secret.encode() if secret else None,
+            normal,
+            tuple(queues),
         )
 
 
@@ -99,6 +109,7 @@ async def serve(settings: WebSettings) -> None:
             login=settings.login,
             secret=settings.secret,
             trusted_origins=settings.trusted_origins,
+            queues=settings.queues,
         )
         config = uvicorn.Config(
             app,

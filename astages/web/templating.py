@@ -15,7 +15,8 @@ from starlette.responses import HTMLResponse
 from astages.models import StageProgress
 from astages.web._shared import seconds
 from astages.web.grouppage import stage_duration
-from astages.web.groups import GROUP_SORT_LIMIT
+from astages.web.groups import GROUP_SEARCH_LIMIT, GROUP_SORT_LIMIT
+from astages.web.opspage import CHART_HEIGHT, CHART_WIDTH, rate_label
 from astages.web.security import CSRF_COOKIE, FLASH_COOKIE, cookie_path, new_nonce
 
 if TYPE_CHECKING:
@@ -81,21 +82,45 @@ def pyrepr(value: Any, limit: int = 2_000) -> str:
 SEGMENTS = ("successful", "failed", "cancelled", "running", "pending_re_run", "queued", "pending")
 
 
+# The least width of the failed segment (of 1000): a few failures among many jobs still show.
+MIN_FAILED = 20
+
+
 def segments(progress: StageProgress, width: int = 1000) -> list[tuple[str, int, int]]:
-    """(status, x, width) of each non-empty segment of a progress bar ``width`` wide."""
+    """(status, x, width) of each non-empty segment of a progress bar ``width`` wide. The
+    failed segment is at least ``MIN_FAILED`` wide (taken from the widest other one), so a
+    group or stage with failures never looks all green; static/astages.js draws the same."""
     total = progress.total
     if total == 0:
         return []
-    out = []
+    sizes: list[list[Any]] = []
     x = done = 0
     for name in SEGMENTS:
         count = int(getattr(progress, name, 0))
         if count:
             done += count
             end = round(width * done / total)
-            out.append((name, x, end - x))
+            sizes.append([name, end - x])
             x = end
+    failed = next((s for s in sizes if s[0] == "failed"), None)
+    if failed is not None and failed[1] < MIN_FAILED:
+        others = [s for s in sizes if s is not failed]
+        widest = max(others, key=lambda s: s[1], default=None)
+        give = min(MIN_FAILED - failed[1], max(0, widest[1] - 1)) if widest is not None else 0
+        failed[1] += give
+        if widest is not None:
+            widest[1] -= give
+    out = []
+    x = 0
+    for name, size in sizes:
+        out.append((name, x, size))
+        x += size
     return out
+
+
+def span(value: float | None) -> str:
+    """Seconds as a duration label (``seconds``); ``—`` for none."""
+    return seconds(None if value is None else dt.timedelta(seconds=value))
 
 
 def environment() -> jinja2.Environment:
@@ -113,9 +138,14 @@ def environment() -> jinja2.Environment:
     env.filters["seconds"] = seconds
     env.filters["merge"] = merge
     env.filters["pyrepr"] = pyrepr
+    env.filters["span"] = span
+    env.filters["rate"] = rate_label
     env.globals["segments"] = segments
     env.globals["stage_span"] = stage_duration
     env.globals["limit"] = GROUP_SORT_LIMIT
+    env.globals["search_limit"] = GROUP_SEARCH_LIMIT
+    env.globals["chart_width"] = CHART_WIDTH
+    env.globals["chart_height"] = CHART_HEIGHT
     return env
 
 

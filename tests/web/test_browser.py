@@ -1,13 +1,14 @@
 """A real headless Chromium on a real uvicorn server, with a real Redis and real arq workers:
 click through groups -> group -> stage -> job, press Initiate on a pending stage and watch
-it run, confirm a deletion, watch the timeline grow, cancel a group; screenshot each page
-(the README's are in docs/img/)."""
+it run, confirm a deletion, watch the timeline grow, cancel a group; the operations view,
+search, status filter and dark mode; screenshot each page (the README's are in docs/img/)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import uvicorn
 from arq import func
 from arq.connections import ArqRedis, create_pool
 from arq.worker import Worker
+from helpers import wait_for
 from playwright.async_api import Page, async_playwright, expect
 
 import astages
+from astages.sweeper import Sweeper
 from astages.web import create_app
 
 CHROMIUM = os.environ.get("ASTAGES_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -235,6 +238,108 @@ async def test_click_through_and_initiate_in_chromium(
             await expect(page.locator(".failed-jobs a")).to_have_count(1)
             assert await thumbs.status() is astages.GroupStatus.CANCELLED
             await shoot(page, shots, "group-ended.png")
+            assert errors == []
+        finally:
+            RELEASE["thumbnails"].set()
+            await browser.close()
+
+
+async def test_operations_view_search_filter_and_dark_mode_in_chromium(
+    real_redis: ArqRedis, redis_server: Any, chromium: str, shots: Path
+) -> None:
+    """Operations view in Chromium: a queue, its live worker, a throughput chart that follows new
+    samples; the groups list's search, status filter and failed column; dark mode from the system."""
+    RELEASE["thumbnails"] = asyncio.Event()
+    photos, thumbs = await make_groups(real_redis)
+    sweeper = Sweeper(real_redis)
+    await sweeper.sweep()  # the first sample: nothing finished yet
+    async with (
+        server(real_redis) as base,
+        worker(redis_server, SLOW_QUEUE, 2),
+        async_playwright() as driver,
+    ):
+        progress = (await thumbs.stage(1)).progress
+
+        async def four_finished() -> bool:
+            return (await progress()).finished == 4
+
+        await wait_for(four_finished, 15, "thumbnails 0-3 to finish")
+        await sweeper.sweep()  # the second: 3 successful, 1 failed since the first
+        browser = await driver.chromium.launch(
+            executable_path=chromium,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+            # The groups list: the thumbnails group shows its failure; the pending one none.
+            await page.goto(base + "/")
+            thumbs_row = page.locator("tr", has=page.get_by_role("link", name="Thumbnails for November"))
+            await expect(thumbs_row.locator(".fails")).to_have_text("1")
+            await expect(thumbs_row.locator(".with-failures")).to_be_visible()
+            await expect(thumbs_row.locator(".seg-failed")).to_have_count(1)
+            photos_row = page.locator("tr", has=page.get_by_role("link", name="Nightly photo import"))
+            await expect(photos_row.locator(".with-failures")).to_be_hidden()
+
+            # Search by description, then by id; the status filter.
+            await page.get_by_role("searchbox", name="Search groups by description or id").fill("thumbNAILS")
+            await page.get_by_role("button", name="Search").click()
+            await expect(page).to_have_url(re.compile(r"q=thumbNAILS"))
+            await expect(page.get_by_role("link", name="Thumbnails for November")).to_be_visible()
+            await expect(page.get_by_role("link", name="Nightly photo import")).to_have_count(0)
+            await page.get_by_role("searchbox", name="Search groups by description or id").fill(photos.id[-8:])
+            await page.get_by_role("button", name="Search").click()
+            await expect(page.get_by_role("link", name="Nightly photo import")).to_be_visible()
+            await expect(page.get_by_role("link", name="Thumbnails for November")).to_have_count(0)
+            await page.get_by_role("link", name="clear search").click()
+            await page.get_by_role("link", name="pending", exact=True).click()
+            await expect(page).to_have_url(re.compile(r"status=pending"))
+            await expect(page.get_by_role("link", name="Nightly photo import")).to_be_visible()
+            await expect(page.get_by_role("link", name="Thumbnails for November")).to_have_count(0)
+            await page.get_by_role("link", name="running", exact=True).click()
+            await expect(page.get_by_role("link", name="Thumbnails for November")).to_be_visible()
+            await expect(page.get_by_role("link", name="Nightly photo import")).to_have_count(0)
+
+            # The operations view: the thumbnails queue, its live worker, the chart.
+            await page.get_by_role("link", name="Operations").click()
+            await expect(page.locator("h1")).to_have_text("Operations")
+            queue = page.locator(f'tr[data-queue="{SLOW_QUEUE}"]')
+            await expect(queue).to_be_visible()
+            await expect(queue.locator("[data-live$='.jobs']")).to_have_text("4")  # 4 and 5 run, 6 and 7 wait
+            await expect(queue.locator("[data-live$='.due']")).to_have_text("4")
+            await expect(queue.locator(".badge")).to_have_text("alive")
+            idle = page.locator(f'tr[data-queue="{IDLE_QUEUE}"]')
+            await expect(idle).to_have_count(0)  # no running stage sends there
+            await expect(page.locator(f'tr[data-worker="{SLOW_QUEUE}"] code.report')).to_contain_text("j_ongoing=")
+            successful = page.locator("polyline.line-successful")
+            assert len((await successful.get_attribute("points") or "").split()) == 2
+            box = await page.locator("svg.rates").bounding_box()
+            assert box is not None and box["height"] > 100 and box["width"] > 600
+            await shoot(page, shots, "ops.png")
+
+            # A new sample reaches the open page: the chart gains an interval without a reload.
+            await page.evaluate("window.notReloaded = true")
+            RELEASE["thumbnails"].set()
+
+            async def stage_done() -> bool:
+                return (await progress()).finished == 8
+
+            await wait_for(stage_done, 15, "the thumbnails to finish")
+            await sweeper.sweep()
+            await expect(successful).to_have_attribute("points", re.compile(r"^(\S+ ){3}\S+$"), timeout=10_000)
+            assert await page.evaluate("window.notReloaded === true")
+
+            # Dark mode follows the system's setting.
+            light = await page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+            await page.emulate_media(color_scheme="dark")
+            dark = await page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+            assert light == "rgb(246, 247, 249)" and dark == "rgb(17, 20, 27)"
+            card = await page.evaluate("getComputedStyle(document.querySelector('.chart')).backgroundColor")
+            assert card == "rgb(26, 31, 43)"
+            await shoot(page, shots, "ops-dark.png")
             assert errors == []
         finally:
             RELEASE["thumbnails"].set()

@@ -35,6 +35,8 @@
     data.by_id = by(data.groups, "id");
     data.by_number = by(data.stages, "number");
     data.by_seq = by(data.jobs, "seq");
+    data.by_queue = by(data.queues, "name");
+    data.by_worker = by(data.workers, "queue");
     return data;
   }
 
@@ -48,24 +50,47 @@
     return value;
   }
 
-  function bar(svg, progress) {
+  // A bar's segments, as templating.py's segments(): failures always show (MIN_FAILED wide
+  // at least, taken from the widest other segment), so a group with failures never looks all green.
+  var MIN_FAILED = 20;
+
+  function segments(progress) {
     var total = progress.total || 0;
-    svg.querySelectorAll("rect.seg").forEach(function (rect) { rect.remove(); });
-    if (!total) return;
+    var out = [];
+    if (!total) return out;
     var x = 0, done = 0;
     ORDER.forEach(function (name) {
       var count = progress[name] || 0;
       if (!count) return;
       done += count;
       var end = Math.round(1000 * done / total);
+      out.push([name, end - x]);
+      x = end;
+    });
+    var failed = out.filter(function (s) { return s[0] === "failed"; })[0];
+    if (failed && failed[1] < MIN_FAILED) {
+      var widest = null;
+      out.forEach(function (s) { if (s !== failed && (!widest || s[1] > widest[1])) widest = s; });
+      var give = widest ? Math.min(MIN_FAILED - failed[1], Math.max(0, widest[1] - 1)) : 0;
+      failed[1] += give;
+      if (widest) widest[1] -= give;
+    }
+    return out;
+  }
+
+  function bar(svg, progress) {
+    svg.querySelectorAll("rect.seg").forEach(function (rect) { rect.remove(); });
+    var x = 0;
+    segments(progress).forEach(function (seg) {
       var rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
-      rect.setAttribute("class", "seg seg-" + name);
+      rect.setAttribute("class", "seg seg-" + seg[0]);
+      rect.setAttribute("data-seg", seg[0]);
       rect.setAttribute("x", String(x));
       rect.setAttribute("y", "0");
-      rect.setAttribute("width", String(end - x));
+      rect.setAttribute("width", String(seg[1]));
       rect.setAttribute("height", "12");
       svg.appendChild(rect);
-      x = end;
+      x += seg[1];
     });
   }
 
@@ -76,6 +101,14 @@
       var text = el.getAttribute("data-format") === "number" ? Number(value).toLocaleString("en-US") : String(value);
       if (el.textContent !== text) el.textContent = text;
       if (el.hasAttribute("data-badge")) el.className = "badge st-" + text;
+      if (el.hasAttribute("data-live-some")) el.classList.toggle("some", Number(value) > 0);
+    });
+    document.querySelectorAll("[data-live-shown]").forEach(function (el) {
+      el.hidden = !(Number(lookup(data, el.getAttribute("data-live-shown"))) > 0);
+    });
+    document.querySelectorAll("[data-live-points]").forEach(function (line) {
+      var points = lookup(data, line.getAttribute("data-live-points"));
+      if (typeof points === "string" && line.getAttribute("points") !== points) line.setAttribute("points", points);
     });
     document.querySelectorAll("[data-live-plural]").forEach(function (el) {
       var count = lookup(data, el.getAttribute("data-live-plural"));

@@ -6,17 +6,19 @@ if redis.call('EXISTS', G) == 0 then
   return 0
 end
 -- A live group's jobs so far join the prefix's totals (an ended, kept group's already did,
--- in finish_group).
+-- in finish_group). Keys astages did not write (planted data) count nothing and are deleted.
 local counted = {successful = 0, failed = 0, cancelled = 0, retried = 0}
-local live = not group_final()
+local live = redis.call('TYPE', G).ok == 'hash' and not group_final()
 for _, n in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
   local sk = stage_key(n)
   if live then
-    local c = redis.call('HMGET', sk, 'successful', 'failed', 'cancelled', 'retried')
-    counted.successful = counted.successful + (tonumber(c[1]) or 0)
-    counted.failed = counted.failed + (tonumber(c[2]) or 0)
-    counted.cancelled = counted.cancelled + (tonumber(c[3]) or 0)
-    counted.retried = counted.retried + (tonumber(c[4]) or 0)
+    local c = redis.pcall('HMGET', sk, 'successful', 'failed', 'cancelled', 'retried')
+    if type(c) == 'table' and not c.err then
+      counted.successful = counted.successful + (tonumber(c[1]) or 0)
+      counted.failed = counted.failed + (tonumber(c[2]) or 0)
+      counted.cancelled = counted.cancelled + (tonumber(c[3]) or 0)
+      counted.retried = counted.retried + (tonumber(c[4]) or 0)
+    end
   end
   local open = redis.call('HGETALL', sk .. ':open')
   for i = 1, #open, 2 do

@@ -224,10 +224,10 @@ def _group_breaches(group: dict[bytes, bytes], numbers: list[str], rows: list[An
         return ["the group's hash is missing but its stages exist"]
     out: list[str] = []
     group_status = text(group.get(b"status", b""))
+    in_flight = 0  # of the group's running stages (its max_in_flight counts them all)
     for i, n in enumerate(numbers):
         stage, jobs, open_, done = rows[4 * i : 4 * i + 4]
         where = f"stage {n}"
-    in_flight = 0  # of the group's running stages (its max_in_flight counts them all)
         if not stage:
             out.append(f"{where} is listed but its hash is missing")
             continue
@@ -273,7 +273,6 @@ def _group_breaches(group: dict[bytes, bytes], numbers: list[str], rows: list[An
                 out.append(f"{where} was not initiated but jobs were sent or finished: {sent[:10]}")
         if status in ("running", "complete") and group_status == "pending":
             out.append(f"{where} is {status} in a group that was not initiated")
-    return out
         if status == "running":
             out.extend(_flow_breaches(where, stage, seqs, opens))
             in_flight += counts["queued"] + counts["running"] + counts["pending_re_run"]
@@ -303,3 +302,4 @@ def _flow_breaches(where: str, stage: dict[bytes, bytes], seqs: list[str], opens
     skipped = [s for s in seqs[:cursor] if opens.get(s) == "p"]
     if skipped:
         out.append(f"{where}: pending jobs before the cursor (never to be sent): {skipped[:10]}")
+    return out

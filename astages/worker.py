@@ -100,6 +100,13 @@ class _Runtime:
     queue_name: str
 
 
+# How long (s) a worker's per-job calls may wait to share a script call: at most one
+# start_jobs/finish_jobs call per group per window (the first call after a quiet window
+# goes at once). arq's Worker takes jobs one at a time, so without a window its jobs'
+# starts and reports hardly ever meet in one event-loop turn.
+COALESCE_WINDOW = 0.005
+
+
 class Coalescer:
     """Per-job script calls of one worker made within one event-loop turn share one script
     call per group: starts go as one ``start_jobs`` call, reports as one ``finish_jobs``
@@ -112,32 +119,54 @@ class Coalescer:
     the single call would have. ``wake`` (if set) is called when a report moved a group
     on to a new stage or queued a retry, so the worker polls at once."""
 
-    def __init__(self, redis: Any, keys: Keys, wake: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, wake: Callable[[], None] | None = None, window: float | None = None
+    ) -> None:
+        self.window = COALESCE_WINDOW if window is None else window
+        self._last = 0.0
+        self._flushing: asyncio.Handle | None = None
         self.store = Store(redis, keys)
         # a report that starts a stage hands it a small first chunk (see FIRST_CHUNK)
         self.reports = Store(redis, keys, FIRST_CHUNK)
         self.wake = wake
         self._pending: dict[tuple[str, str], list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
+        self._running: dict[str, int] = {}  # group -> this worker's jobs started, not reported
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, ref: JobRef, job_try: int) -> str:
         """start_job's verdict for try ``job_try`` of ``ref``."""
-        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try)))
+        verdict = text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try)))
+        if verdict == "run":
+            self._running[ref.group_id] = self._running.get(ref.group_id, 0) + 1
+        return verdict
 
     async def finish(self, ref: JobRef, job_try: int, outcome: str, error: str) -> Motion:
-        """finish_job's motion for try ``job_try`` of ``ref``."""
-        motion: Motion = await self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error))
+        """finish_job's motion for try ``job_try`` of ``ref``. The report of this worker's
+        last running job of the group goes at once (it may end a stage: no window)."""
+        running = max(0, self._running.pop(ref.group_id, 0) - 1)
+        if running:
+            self._running[ref.group_id] = running
+        call = self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=not running)
+        motion: Motion = await call
         return motion
 
-    def _call(self, kind: str, group_id: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def _call(self, kind: str, group_id: str, args: tuple[Any, ...], at_once: bool = False) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)  # after every callback of this turn
+        if at_once and isinstance(self._flushing, asyncio.TimerHandle):
+            self._flushing.cancel()
+            self._flushing = None
+        if self._flushing is None:
+            # after every callback of this turn, and at most one call per window: calls
+            # made while a window is open wait for its end and go together
+            wait = 0.0 if at_once else self._last + self.window - loop.time()
+            self._flushing = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
         self._pending.setdefault((kind, group_id), []).append((args, fut))
         return fut
 
     def _flush(self) -> None:
+        self._flushing = None
+        self._last = asyncio.get_running_loop().time()
         pending, self._pending = self._pending, {}
         for (kind, group_id), calls in pending.items():
             task = asyncio.get_running_loop().create_task(self._send(kind, group_id, calls))
@@ -198,7 +227,7 @@ class EndJobs(Coalescer):
     through astages' own client."""
 
     def __init__(self, arq_pool: Any, own: Any, keys: Keys, queue_name: str, wake: Callable[[], None]) -> None:
-        super().__init__(own or arq_pool, keys, wake)
+        super().__init__(own or arq_pool, keys, wake, window=0.0)  # its claims come in batches
         self.arq = Store(arq_pool, keys, FIRST_CHUNK)
         self.queue_name = queue_name
 

@@ -745,6 +745,29 @@ local function script_now()
   return call_now
 end
 
+-- Counter moves of the starts of one call, written once per stage and counter at its end
+-- (flush_counts: start_job, start_jobs and claim_jobs call it last; starts read no counter).
+local later = {}
+local function count_later(sk, from, to)
+  local c = later[sk]
+  if not c then
+    c = {}
+    later[sk] = c
+  end
+  local f, t = COUNTER[string.sub(from, 1, 1)], COUNTER[string.sub(to, 1, 1)]
+  c[f] = (c[f] or 0) - 1
+  c[t] = (c[t] or 0) + 1
+end
+
+local function flush_counts()
+  for sk, c in pairs(later) do
+    for field, d in pairs(c) do
+      if d ~= 0 then redis.call('HINCRBY', sk, field, d) end
+    end
+  end
+  later = {}
+end
+
 -- A worker picked up try `try` of job seq of stage n (start_job.lua, start_jobs.lua,
 -- claim_jobs.lua). Returns 'run' (now running), or why it must not run: 'gone' (no such
 -- job, stage or group) or 'final' (it finished already; arq re-delivered it).
@@ -759,7 +782,7 @@ local function start_one(n, seq, try)
   local code = 'r' .. try
   if cur ~= code then
     redis.call('HSET', sk .. ':open', seq, code)
-    count(sk, cur, code)
+    count_later(sk, cur, code)
     event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'running', 'try', try})
   end
   return 'run'

@@ -34,4 +34,5 @@ for i = 1, tonumber(ARGV[10]) do
     out[i] = {score, payload or false, try, aborted, verdict}
   end
 end
+flush_counts()
 return out

@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Store, text
+from astages._stats import count_actions
 from astages.exceptions import AstagesError
 from astages.models import CODES, JobStatus
 
@@ -151,6 +152,8 @@ class Cleaner:
                 raise
             except (RedisError, AstagesError) as e:
                 errors.append((group_id, f"{type(e).__name__}: {e}"))
+        await count_actions(redis, keys, "cleaner", {"cleanups": 1, "errors": len(errors)})
+        await count_actions(redis, keys, "cleaner", {kind: len(done[field]) for kind, field in _KINDS.items()})
         return CleanupReport(**{field: tuple(items) for field, items in done.items()}, errors=tuple(errors))
 
     @classmethod

@@ -4,7 +4,7 @@
 The commands live in private modules by concern and register themselves on ``main`` when
 imported (at the end of this module): ``_cli_inspect`` (groups, show, watch, wait,
 events), ``_cli_actions`` (initiate, delete, cancel, cleanup, purge) and ``_cli_run``
-(worker, demo, web)."""
+(worker, demo, web) and ``_cli_metrics`` (metrics)."""
 
 from __future__ import annotations
 
@@ -231,4 +231,4 @@ def failed_jobs_line(summary: GroupSummary, most: int = 5) -> str | None:
 
 
 # The commands, registered on ``main`` by importing their modules (they import the above).
-from astages import _cli_actions, _cli_inspect, _cli_run  # noqa: E402, F401
+from astages import _cli_actions, _cli_inspect, _cli_metrics, _cli_run  # noqa: E402, F401

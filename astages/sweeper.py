@@ -61,6 +61,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Store, text
+from astages._stats import count_actions
 from astages.exceptions import AstagesError, GroupNotFound
 from astages.models import decode_spec
 from astages.ops import sample
@@ -212,6 +213,10 @@ class Sweeper:
                 break
         suspects = await self._forget_resolved(state.suspects)
         await self._sample()
+        done = {"passes": 1, "from_results": state.from_results, "lost": state.lost, "nudged": state.nudged}
+        await count_actions(
+            self.redis, self.keys, "sweeper", {**done, "errors": state.errors, "unindexed": state.unindexed}
+        )
         return SweepReport(
             groups=state.groups,
             stages=state.stages,

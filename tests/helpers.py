@@ -79,8 +79,9 @@ async def start_unsent(group: astages.StagedGroup, number: int, send: int = 0) -
 async def keys_left(redis: ArqRedis, pattern: str = "astages:*") -> list[bytes]:
     """The keys matching ``pattern``, but the reply keys of recent calls
     (``<prefix>:reply:<token>``: kept a minute so that a call re-sent after its reply was
-    lost acts once, see ``once`` in astages/lua/_lib.lua), and the prefix's job totals and
-    their samples (``<prefix>:totals``, ``<prefix>:series``: global, they outlive every group
-    by design, see astages/ops.py); what "no key is left" means."""
-    kept = (b":totals", b":series")
+    lost acts once, see ``once`` in astages/lua/_lib.lua), the prefix's action counters
+    (``<prefix>:stats``, see astages/_stats.py), and its job totals and their samples
+    (``<prefix>:totals``, ``<prefix>:series``: global, they outlive every group by design,
+    see astages/ops.py); what "no key is left" means."""
+    kept = (b":stats", b":totals", b":series")
     return sorted(k for k in await redis.keys(pattern) if b":reply:" not in k and not k.endswith(kept))

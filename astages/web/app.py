@@ -75,6 +75,7 @@ def create_app(
         Route("/groups/{group_id}", pages.group_html, name="group"),
         Route("/groups/{group_id}/stages/{number}", pages.stage_html, name="stage"),
         Route("/groups/{group_id}/stages/{number}/jobs/{seq}", pages.job_html, name="job"),
+        Route("/metrics", metrics_text, name="metrics"),
         Route("/ops", pages.ops_html, name="ops"),
         Route("/api/ops", pages.ops_json, name="api_ops"),
         Route("/api/groups", pages.groups_json, name="api_groups"),
@@ -134,6 +135,22 @@ def create_app(
     )
     app.state.astages = dashboard
     return app
+
+
+async def metrics_text(request: Request) -> Response:
+    """Prometheus metrics (the metrics extra), read from Redis on each scrape (astages.metrics)."""
+    try:
+        from astages.metrics import CONTENT_TYPE_LATEST, Metrics
+    except ImportError:
+        message = "the metrics need the metrics extra: pip install 'astages[metrics]'\n"
+        return Response(message, status_code=501, media_type="text/plain")
+    state = request.app.state
+    if getattr(state, "astages_metrics", None) is None:  # one per app: it keeps the counters between scrapes
+        store: Store = state.astages.store
+        queue = getattr(store.redis, "default_queue_name", "arq:queue")
+        state.astages_metrics = Metrics(store.redis, prefix=store.keys.prefix, queues=(queue,))
+    body = await state.astages_metrics.render()
+    return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _is_api(request: Request) -> bool:

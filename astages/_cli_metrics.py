@@ -33,7 +33,7 @@ def _interrupt(*_: Any) -> NoReturn:
 @click.option(
     "--stage-series",
     type=click.IntRange(0, 100_000),
-    default=500,
+    default=200,
     show_default=True,
     help="At most this many stages (of pending and running groups) get per-stage series.",
 )

@@ -201,6 +201,8 @@ def _delay(failures: int) -> float:
 # context each job task is created with, so that arq's bookkeeping, called inside the
 # task, can tell whether a write whose reply was lost took effect.
 _RUN: contextvars.ContextVar[tuple[bytes, float]] = contextvars.ContextVar("astages_run")
+# How many jobs the first claim of a poll takes at most (the next claims: every free slot).
+LEAN_FIRST_CLAIM = 10
 # How long arq keeps a job's retry counter (s), as arq does.
 RETRY_COUNTER_S = 88400
 _NO_RESULT = object()
@@ -249,7 +251,8 @@ class HardenedWorker(Worker):
         self._wake_pending = False
         from astages.worker import CTX_WAKE
 
-        self.ctx[CTX_WAKE] = self.wake
+        if not self.burst:  # a burst worker stops when the queue is empty: it sends stages on at once
+            self.ctx[CTX_WAKE] = self.wake
 
     async def _poll_iteration(self) -> None:
         """One poll (see ``_poll_once``); then, until ``poll_delay`` has passed, another one
@@ -387,7 +390,9 @@ class HardenedWorker(Worker):
                 return False
             take = [jobs[i]]
             i += 1
-            while i < len(jobs) and not self.sem.locked() and self.job_counter < self.max_jobs:
+            # the first claim of a poll is small: its jobs start before the rest is claimed
+            limit = LEAN_FIRST_CLAIM if i == 1 else len(jobs)
+            while i < len(jobs) and len(take) < limit and not self.sem.locked() and self.job_counter < self.max_jobs:
                 await self.sem.acquire()  # free: returns at once
                 self.job_counter += 1
                 take.append(jobs[i])
@@ -629,7 +634,8 @@ class HardenedWorker(Worker):
             from astages.worker import CTX_REDIS, EndJobs
 
             assert self.lean_keys is not None
-            self._ender = EndJobs(self.pool, self.ctx.get(CTX_REDIS), self.lean_keys, self.queue_name, self.wake)
+            wake = None if self.burst else self.wake
+            self._ender = EndJobs(self.pool, self.ctx.get(CTX_REDIS), self.lean_keys, self.queue_name, wake)
         return self._ender
 
     async def _claim(self, job_id: str) -> tuple[bytes, float] | None:

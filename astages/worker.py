@@ -105,6 +105,9 @@ class _Runtime:
 # goes at once). arq's Worker takes jobs one at a time, so without a window its jobs'
 # starts and reports hardly ever meet in one event-loop turn.
 COALESCE_WINDOW = 0.005
+# How long (s) astages worker lets its poll claim a new stage's first chunk before it
+# sends the rest of the stage.
+SEND_ON_DELAY = 0.002
 
 
 class Coalescer:
@@ -131,11 +134,16 @@ class Coalescer:
         self.wake = wake
         self._pending: dict[tuple[str, str], list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
         self._running: dict[str, int] = {}  # group -> this worker's jobs started, not reported
+        self._stages: dict[str, int] = {}  # group -> the stage of this worker's last start
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, ref: JobRef, job_try: int) -> str:
-        """start_job's verdict for try ``job_try`` of ``ref``."""
-        verdict = text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try)))
+        """start_job's verdict for try ``job_try`` of ``ref``. The worker's first start of a
+        stage goes at once (no window: the stage has just started)."""
+        first = self._stages.get(ref.group_id) != ref.stage
+        self._stages[ref.group_id] = ref.stage
+        call = self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=first)
+        verdict = text(await call)
         if verdict == "run":
             self._running[ref.group_id] = self._running.get(ref.group_id, 0) + 1
         return verdict
@@ -196,13 +204,33 @@ class Coalescer:
     async def _send_on(self, group_id: str, motions: list[Motion]) -> None:
         """Send on the stage a report started (in chunks), and wake the worker when a
         report queued jobs (a new stage, a retry)."""
+        unsent = max(m.unsent for m in motions)
         if self.wake is not None and any(m.outcome in ("running", "retry") for m in motions):
-            self.wake()  # the first chunk is queued: take it while the rest is sent
-        last = max(motions, key=lambda m: m.unsent)
-        while last.unsent > 0:
-            reply = await self.store.run_now("send_more", group_id)
-            raise_code(reply, group_id, None)
-            last = Motion.of(reply)
+            self.wake()  # the first chunk is queued
+            if unsent:
+                # send the rest once the woken worker has claimed its first jobs (a chunk
+                # holds Redis for a few ms); a worker gone meanwhile leaves it to the sweeper
+                task = asyncio.get_running_loop().create_task(self._send_more(group_id, SEND_ON_DELAY))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        if unsent:
+            await self._send_more(group_id, 0.0)
+
+    async def _send_more(self, group_id: str, delay: float) -> None:
+        """Send on the running stage(s) of the group until nothing is left to send."""
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            while True:
+                reply = await self.store.run_now("send_more", group_id)
+                raise_code(reply, group_id, None)
+                if Motion.of(reply).unsent <= 0:
+                    return
+        except Exception:
+            if not delay:
+                raise
+            logger.warning("could not send group %s on; the sweeper will", group_id, exc_info=True)
 
     async def _starts(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
         if len(calls) == 1:
@@ -226,7 +254,7 @@ class EndJobs(Coalescer):
     retry policy: a lost reply is resolved by the caller); sending a stage on goes
     through astages' own client."""
 
-    def __init__(self, arq_pool: Any, own: Any, keys: Keys, queue_name: str, wake: Callable[[], None]) -> None:
+    def __init__(self, arq_pool: Any, own: Any, keys: Keys, queue_name: str, wake: Callable[[], None] | None) -> None:
         super().__init__(own or arq_pool, keys, wake, window=0.0)  # its claims come in batches
         self.arq = Store(arq_pool, keys, FIRST_CHUNK)
         self.queue_name = queue_name

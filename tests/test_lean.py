@@ -17,6 +17,7 @@ from arq.jobs import Job
 from helpers import wait_for
 
 import astages
+import astages.worker
 from astages._keys import Keys
 from astages._scripts import Store
 from astages.runner import HardenedWorker
@@ -212,3 +213,32 @@ async def test_astages_worker_takes_the_next_stage_at_once(real_redis: ArqRedis)
             await task
         await worker.close()
     assert len(RAN) == 9
+
+
+async def test_arq_worker_shares_start_and_report_calls(real_redis: ArqRedis, scripts: list[str]) -> None:
+    """arq's Worker, which takes jobs one at a time, still shares start/report calls between its jobs."""
+    async with astages.within_a_grouping(real_redis, "shared") as group:
+        await (await group.stage(1)).enqueue_many([(step, (f"1-{i}",)) for i in range(60)])
+    scripts.clear()
+    await run_arq(real_redis)
+    assert len(RAN) == 60 and not await group.exists()
+    calls = [name for name in scripts if name in ("start_job", "start_jobs", "finish_job", "finish_jobs")]
+    assert "start_jobs" in calls and "finish_jobs" in calls and len(calls) < 60
+
+
+async def test_arq_worker_window_does_not_delay_a_stage(real_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first start and the last report of a worker's jobs of a group go at once, whatever the window."""
+    monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 1.0)
+    async with astages.within_a_grouping(real_redis, "window") as group:
+        for n in (1, 2, 3):
+            await (await group.stage(n)).enqueue(step, f"{n}")
+    worker = arq.worker.Worker(**settings(), redis_pool=real_redis, poll_delay=0.01, max_jobs=20)
+    task = asyncio.ensure_future(worker.main())
+    try:
+        await wait_for(lambda: _gone(group), within=1.5, what="three one-job stages within one window")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+    assert sorted(RAN) == [("1", 1), ("2", 1), ("3", 1)]

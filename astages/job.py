@@ -185,6 +185,10 @@ _NOT_RETRYABLE = {
     "stage:cancelled": "its stage was cancelled",
     "stage:pending": "its stage has not started",
     "busy": "the worker is still writing the end of its failed try; retry in a moment",
+    "capped:stage": "its stage's max_in_flight is reached (a retry never goes past a cap); retry once jobs "
+    "in flight have ended",
+    "capped:group": "its group's max_in_flight is reached (a retry never goes past a cap); retry once jobs "
+    "in flight have ended",
 }
 
 
@@ -452,8 +456,10 @@ class StagedJob:
         stage are still open. A job that fails again is a new failure for the failure
         policy (it counts the stage's failed jobs at that moment); ``on_failure`` callbacks
         still fire once per group. Otherwise raises NotRetryable with the reason (a job
-        that is not failed, a stage complete, cancelled or not started, an ended group, or
-        a failed try whose end arq is still writing), or JobNotFound."""
+        that is not failed, a stage complete, cancelled or not started, an ended group, a
+        failed try whose end arq is still writing, or a stage or group whose
+        ``max_in_flight`` is reached: a retry passes the window and the rate, never a
+        cap), or JobNotFound."""
         store, ref = self._bound()
         code = text(await store.run("retry_jobs", ref.group_id, ref.stage, str(ref.seq)))
         if code == "retried":

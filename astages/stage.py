@@ -551,7 +551,8 @@ class StagedGroupStage(Coroutine[Any, Any, "StagedGroupStage"]):
         runs and its group has not ended (NotRetryable otherwise; StageNotFound,
         GroupNotFound). A failed job whose try arq is still writing the end of (a few
         ms after its failure), or whose stored spec cannot be sent, stays failed and is
-        not counted: call again."""
+        not counted: call again. So do the failed jobs left once the stage's or group's
+        ``max_in_flight`` is reached (a retry never goes past a cap)."""
         reply = await self._store.run("retry_jobs", self.group.id, self.number, "*")
         if isinstance(reply, list):
             return int(reply[1])

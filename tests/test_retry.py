@@ -150,3 +150,30 @@ async def test_race_concurrent_retries_retry_once(real_redis):
     progress = await group.stage(1).progress()
     assert (progress.failed, progress.queued, progress.retried) == (0, 2, 1)
     assert await real_redis.zcard(default_queue_name) == 2
+
+
+async def test_a_retry_never_goes_past_a_cap(real_redis):
+    """A stage at its max_in_flight: job.retry() refuses (NotRetryable saying so) and
+    stage.retry_failed() retries only as many as the cap has room for; Cleaner.check
+    stays clean (retries went straight to arq past the caps)."""
+    group = await astages.StagedGroup.create(real_redis, "capped")
+    stage = group.stage(1)
+    jobs = await stage.enqueue_many([("work", (i,)) for i in range(6)])
+    await stage.set_limits(max_in_flight=3)
+    await group.initiate()
+    store = group.store
+    for job in jobs[:3]:  # the three in flight fail
+        assert job.ref is not None
+        await store.run("start_job", group.id, 1, job.ref.seq, 1)
+        await store.move("finish_job", group.id, 1, job.ref.seq, 1, "f", "boom")
+    # the cap refilled from the three waiting jobs: 3 in flight, 3 failed
+    assert (await stage.progress()).in_flight == 3
+    with pytest.raises(NotRetryable, match="max_in_flight is reached"):
+        await jobs[0].retry()
+    assert await stage.retry_failed() == 0
+    assert jobs[3].ref is not None
+    await store.run("start_job", group.id, 1, jobs[3].ref.seq, 1)
+    await store.move("finish_job", group.id, 1, jobs[3].ref.seq, 1, "s", "")
+    assert await stage.retry_failed() == 1  # one place freed
+    assert (await stage.progress()).in_flight == 3
+    assert await astages.Cleaner.check(real_redis) == {}

@@ -8,8 +8,11 @@
 -- Returns, for one job: 'retried', or why not: 'gone' (no group), 'job_gone',
 -- 'stage_gone', 'group_ended', 'stage:<status>' (its stage does not run),
 -- 'not_failed:<status>', 'busy' (arq is still writing the end of its failed try),
--- 'bad_spec:<why>'. For '*': {'retried', jobs retried, jobs left failed (busy or bad
--- spec)}, or one of the stage-wide reasons.
+-- 'bad_spec:<why>', 'capped:stage' / 'capped:group' (its stage's or group's
+-- max_in_flight is reached: a retry never goes past a cap; it passes the window and the
+-- rate, as job.enqueue_job() does). For '*': {'retried', jobs retried, jobs left failed
+-- (busy, bad spec, or a cap reached: the rest), the cap reached or ''}, or one of the
+-- stage-wide reasons.
 if redis.call('EXISTS', G) == 0 then return 'gone' end
 if group_final() then return 'group_ended' end
 local n, which = ARGV[6], ARGV[7]
@@ -19,6 +22,8 @@ if not st then return 'stage_gone' end
 if st ~= 'running' then return 'stage:' .. st end
 local now = now_ms()
 local ARQ_PREFIX = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4)  -- "arq:job:" -> "arq:"
+local stage_cap = tonumber(redis.call('HGET', sk, 'max_in_flight'))
+local g_room = group_room()
 
 local function retry_one(seq)
   local fin = redis.call('HGET', sk .. ':done', seq)
@@ -32,6 +37,8 @@ local function retry_one(seq)
   -- arq's end of the failed try (result, clean-up) is written after astages' report:
   -- until it is, a new record would be removed by it.
   if redis.call('EXISTS', ARQ_IN_PROGRESS .. id) == 1 then return 'busy' end
+  if stage_cap and stage_in_flight(sk) >= stage_cap then return 'capped:stage' end
+  if g_room and g_room <= 0 then return 'capped:group' end
   local queue, why = write_arq_record(redis.call('HGET', sk .. ':spec', seq), id, now)
   if not queue then return 'bad_spec:' .. why end
   redis.call('ZADD', queue, int(due(now)), id)
@@ -43,17 +50,20 @@ local function retry_one(seq)
   count(sk, fin, 'q')
   redis.call('HINCRBY', sk, 'retried', 1)
   event({'job', n .. ':' .. seq, 'from', 'failed', 'to', 'queued', 'try', try_of(fin), 'retry', 1})
+  if g_room then g_room = g_room - 1 end
   return 'retried'
 end
 
 if which ~= '*' then return retry_one(which) end
-local retried, left = 0, 0
+local retried, left, capped = 0, 0, ''
 for _, seq in ipairs(redis.call('HKEYS', sk .. ':err')) do
-  local outcome = retry_one(seq)
+  local outcome = capped ~= '' and capped or retry_one(seq)
   if outcome == 'retried' then
     retried = retried + 1
   elseif outcome == 'busy' or string.sub(outcome, 1, 8) == 'bad_spec' then
     left = left + 1
+  elseif string.sub(outcome, 1, 7) == 'capped:' then
+    capped, left = outcome, left + 1
   end
 end
-return {'retried', retried, left}
+return {'retried', retried, left, capped}

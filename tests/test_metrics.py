@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,13 @@ def test_alert_rules_use_only_exported_metrics() -> None:
     assert {"AstagesStageStuck", "AstagesFailureRatioHigh", "AstagesQueueBacklogOld"} <= alerts
     used = {name for rule in rules for name in NAME.findall(rule["expr"])}
     assert used <= METRIC_NAMES, used - METRIC_NAMES
+
+
+def test_alert_rules_fire_as_their_unit_tests_say() -> None:
+    """promtool checks the alert rules and runs their unit tests (skipped where promtool is not installed)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    for command in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERTS.with_suffix(".test.yml"))]):
+        done = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr

@@ -247,10 +247,24 @@ async def test_dashboard_serves_metrics(redis: ArqRedis) -> None:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/plain; version=")
         assert value(samples(reply.content), "astages_groups", status="running") == 1
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(redis, queues=["extra"]))) as client:
+        got = samples((await client.get("http://dash/metrics")).content)
+        assert value(got, "astages_arq_queue_jobs", queue="extra") == 0  # the dashboard's queues are reported
     locked = create_app(redis, login=("ops", "secret"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(locked), base_url="http://dash") as client:
         assert (await client.get("/metrics")).status_code == 401
         assert (await client.get("/metrics", auth=("ops", "secret"))).status_code == 200
+
+
+async def test_dashboard_metrics_without_the_extra(fake_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without prometheus_client, /metrics answers 501 with the install hint; the rest of the dashboard works."""
+    monkeypatch.setitem(sys.modules, "astages.metrics", None)
+    app = create_app(fake_redis)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://dash") as client:
+        reply = await client.get("/metrics")
+        assert reply.status_code == 501
+        assert "astages[metrics]" in reply.text
+        assert (await client.get("/")).status_code == 200
 
 
 @pytest.fixture

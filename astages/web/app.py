@@ -140,15 +140,17 @@ def create_app(
 async def metrics_text(request: Request) -> Response:
     """Prometheus metrics (the metrics extra), read from Redis on each scrape (astages.metrics)."""
     try:
+        from astages import ops
         from astages.metrics import CONTENT_TYPE_LATEST, Metrics
     except ImportError:
         message = "the metrics need the metrics extra: pip install 'astages[metrics]'\n"
         return Response(message, status_code=501, media_type="text/plain")
     state = request.app.state
     if getattr(state, "astages_metrics", None) is None:  # one per app: it keeps the counters between scrapes
-        store: Store = state.astages.store
-        queue = getattr(store.redis, "default_queue_name", "arq:queue")
-        state.astages_metrics = Metrics(store.redis, prefix=store.keys.prefix, queues=(queue,))
+        dashboard: Dashboard = state.astages
+        store = dashboard.store
+        queues = (ops.default_queue(store.redis), *dashboard.queues)
+        state.astages_metrics = Metrics(store.redis, prefix=store.keys.prefix, queues=queues)
     body = await state.astages_metrics.render()
     return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -505,6 +505,9 @@ class AstagesCollector(Collector):
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         return future.result(self.timeout)
 
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering reads nothing from Redis (prometheus_client calls describe, not collect)
+
     def collect(self) -> Iterable[Metric]:
         snap = self._call(self._metrics.read())
         return list(self._metrics.families(snap))

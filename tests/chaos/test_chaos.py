@@ -2,7 +2,9 @@
 
 Four worker processes (three started with arq's own CLI, one with ``astages worker``)
 run 10 groups x 3 stages x 100 jobs with random retries, permanent failures, timeouts
-and failing user hooks. During the run the test SIGKILLs a worker in the middle of its
+and failing user hooks; some groups send through a small window, some under caps on
+jobs in flight (a group's and a stage's), some at a rate limit with a priority (flow
+control: ``Cleaner.check``'s samples include every cap). During the run the test SIGKILLs a worker in the middle of its
 jobs and starts another, drops every client connection of the test database once
 (``CLIENT KILL``, by id: other databases on a shared server are left alone), replays
 reports and hooks for jobs that already finished, and restarts any ``arq`` process that
@@ -50,6 +52,8 @@ HERE = Path(__file__).parent
 GROUPS, STAGES, JOBS = 10, 3, 100
 TOTAL = GROUPS * STAGES * JOBS
 DEADLINE = 180.0  # seconds for the whole run; it takes about a minute
+# Flow control by group (g % 4): none, a small window, caps, a rate with a priority.
+FLOW: list[dict[str, object]] = [{}, {"window": 10}, {"max_in_flight": 8}, {"rate": "400/s", "priority": 2}]
 
 
 @dataclass
@@ -257,11 +261,13 @@ async def test_chaos(real_redis: ArqRedis, redis_server: Server, fleet: Fleet) -
     watch = Watch()
     groups, kinds = [], {}
     for g in range(GROUPS):
-        async with astages.within_a_grouping(redis, f"chaos {g}") as group:
+        async with astages.within_a_grouping(redis, f"chaos {g}", **FLOW[g % len(FLOW)]) as group:
             for n in range(1, STAGES + 1):
                 jobs = plan(rng, g, n)
                 kinds.update({args[0]: args[1] for _, args in jobs})
-                await (await group.stage(n)).enqueue_many(jobs)
+                await group.stage(n).enqueue_many(jobs)
+            if g % len(FLOW) == 2:
+                await group.stage(2).set_limits(max_in_flight=3)  # a stage cap under the group's
         groups.append(group)
     for _ in range(3):
         fleet.start("arq")

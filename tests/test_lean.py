@@ -242,3 +242,31 @@ async def test_arq_worker_window_does_not_delay_a_stage(real_redis: ArqRedis, mo
             await task
         await worker.close()
     assert sorted(RAN) == [("1", 1), ("2", 1), ("3", 1)]
+
+
+async def test_astages_worker_leaves_a_job_another_worker_marked(real_redis: ArqRedis) -> None:
+    """A staged job with another worker's in-progress mark is not taken by the lean claim (arq's rule)."""
+    async with astages.within_a_grouping(real_redis, "marked") as group:
+        busy, _free = await (await group.stage(1)).enqueue_many([(step, ("busy",)), (step, ("free",))])
+    await real_redis.set(f"arq:in-progress:{busy.id}", b"another worker", px=10_000)
+    worker = HardenedWorker(**settings(), redis_pool=real_redis, poll_delay=0.01)
+    task = asyncio.ensure_future(worker.main())
+    try:
+        await wait_for(lambda: _ran("free"), what="the free job to run")  # both were due in the same poll
+        await wait_for(lambda: _successful(group, 1), what="the free job's end")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+    assert RAN == [("free", 1)]
+    assert await real_redis.get(f"arq:in-progress:{busy.id}") == b"another worker"
+    assert await real_redis.zscore(default_queue_name, busy.id or "") is not None
+
+
+async def _ran(tag: str) -> bool:
+    return any(t == tag for t, _ in RAN)
+
+
+async def _successful(group: astages.StagedGroup, count: int) -> bool:
+    return (await group.stage(1).progress()).successful == count

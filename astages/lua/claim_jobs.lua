@@ -16,11 +16,10 @@ for i = 1, tonumber(ARGV[10]) do
   local at = 10 + (i - 1) * 4
   local id = ARGV[at + 1]
   local score = redis.call('ZSCORE', queue, id)
-  if redis.call('EXISTS', ARQ_IN_PROGRESS .. id) == 1 or not score or tonumber(score) == 0
-    or tonumber(score) > now then
-    out[i] = false
+  if not score or tonumber(score) == 0 or tonumber(score) > now
+    or not redis.call('SET', ARQ_IN_PROGRESS .. id, ARGV[at + 4], 'PX', life, 'NX') then
+    out[i] = false  -- the mark is written only if no other worker has one (NX)
   else
-    redis.call('SET', ARQ_IN_PROGRESS .. id, ARGV[at + 4], 'PX', life)
     local payload = redis.call('GET', ARQ_JOB .. id)
     local try = redis.call('INCR', ARQ_RETRY .. id)
     redis.call('EXPIRE', ARQ_RETRY .. id, 88400)

@@ -13,7 +13,9 @@ is a prometheus_client ``Collector`` whose ``collect()`` reads Redis on each scr
 Everything but one metric is read from Redis at the scrape: gauges, and the
 ``astages_jobs_finished_total`` / ``astages_job_retries_total`` counters (``<prefix>:totals``,
 which the scripts add every group to as it ends or is deleted, plus the live groups' stage
-counters: see astages/ops.py). ``astages_stage_duration_seconds`` is kept by the ``Metrics``
+counters: see astages/ops.py; a live stage or job deleted, or the totals purged, takes
+counts back, which the ``Metrics`` object keeps them from showing: they never go down
+within a process). ``astages_stage_duration_seconds`` is kept by the ``Metrics``
 object: a stage's duration is observed the first time a scrape sees it ended, so it starts
 empty with the process and misses a stage that ends and whose group deletes itself between
 two scrapes (a group's last stage, unless the group is kept with ``keep_for``).
@@ -165,6 +167,14 @@ class _Totals:
     durations: dict[str, list[int]] = field(default_factory=dict)  # queue -> bucket counts (+Inf last)
     duration_sum: dict[str, float] = field(default_factory=dict)
     seen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (group, stage) -> duration observed
+    # Jobs finished as read (ops.TOTAL_FIELDS) and what they lost: a live stage or job deleted,
+    # or <prefix>:totals purged, takes counts back; the counters exported never go down.
+    raw: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)
+
+    def counted(self, name: str) -> int:
+        return self.raw.get(name, 0) + self.lost.get(name, 0)
+
     primed: bool = False
 
 
@@ -293,9 +303,15 @@ class Metrics:
     # -- counters kept across scrapes -----------------------------------------------------
 
     def _account(self, snap: Snapshot) -> None:
-        """Observe the duration of each stage seen ended for the first time. The first
-        scrape only takes note (what ended before this process started is not its to count)."""
+        """Keep the finished-job counters from going back (see _Totals.lost), and observe
+        the duration of each stage seen ended for the first time. The first scrape only
+        takes note of the stages (what ended before this process started is not its to count)."""
         t = self._totals
+        for name in TOTAL_FIELDS:
+            now = snap.totals.get(name, 0)
+            if now < t.raw.get(name, 0):
+                t.lost[name] = t.lost.get(name, 0) + t.raw[name] - now
+            t.raw[name] = now
         seen: dict[tuple[str, int], bool] = {}
         for s in snap.stages:
             key = (s.group, s.number)
@@ -438,12 +454,12 @@ def _counters(t: _Totals, snap: Snapshot) -> Iterator[Metric]:
         labels=["status"],
     )
     for status in FINAL_JOB:
-        finished.add_metric([status], snap.totals.get(status, 0))
+        finished.add_metric([status], t.counted(status))
     yield finished
     yield CounterMetricFamily(
         "astages_job_retries",
         "Retries of staged jobs (<prefix>:totals + live groups).",
-        value=snap.totals.get("retried", 0),
+        value=t.counted("retried"),
     )
     durations = HistogramMetricFamily(
         "astages_stage_duration_seconds", "Stage durations, started to finished (by queue).", labels=["queue"]

@@ -108,7 +108,7 @@ async def test_every_name_written_is_declared_and_every_declared_name_is_written
 
 
 async def test_finished_jobs_retries_and_failures_count_groups_that_deleted_themselves(real_redis: ArqRedis) -> None:
-    """astages_jobs_finished_total and astages_job_retries_total keep counting after a group ends and is gone."""
+    """Finished and retried jobs stay counted after their group is gone, and after the totals are purged."""
     metrics = Metrics(real_redis)
     group = await StagedGroup.create(real_redis, "counted")
     await group.stage(1).enqueue(noop)
@@ -124,6 +124,10 @@ async def test_finished_jobs_retries_and_failures_count_groups_that_deleted_them
     assert value(got, "astages_jobs_finished_total", status="failed") == 1
     assert value(got, "astages_job_retries_total") == 1
     assert value(got, "astages_groups", status="running") == 0
+    await real_redis.delete("astages:totals")  # as a purge does: the counts read go back to 0
+    got = samples(await metrics.render())
+    assert value(got, "astages_jobs_finished_total", status="successful") == 2  # a counter never goes down
+    assert value(got, "astages_job_retries_total") == 1
 
 
 async def test_stage_durations_are_observed_once(real_redis: ArqRedis) -> None:

@@ -132,19 +132,20 @@ def stats_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, i
 @dataclass
 class RedisCost:
     """What the Redis server did between ``start`` and ``stop`` (server-wide): commands run
-    (scripts and the commands they run each count), their time, and the server's CPU."""
+    (scripts and the commands they run each count), script calls, and the server's CPU."""
 
     commands: int = 0
-    command_us: int = 0
+    scripts: int = 0
     cpu_us: float = 0.0
 
     @classmethod
     async def _read(cls, redis: ArqRedis) -> RedisCost:
         stats = await redis.info("commandstats")
         cpu = await redis.info("cpu")
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
         return cls(
-            sum(int(v["calls"]) for v in stats.values()),
-            sum(int(v["usec"]) for v in stats.values()),
+            sum(calls.values()),
+            sum(calls.get(k, 0) for k in ("eval", "evalsha", "fcall")),
             (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6,
         )
 
@@ -154,7 +155,7 @@ class RedisCost:
 
     async def stop(self, redis: ArqRedis) -> RedisCost:
         now = await self._read(redis)
-        return RedisCost(now.commands - self.commands, now.command_us - self.command_us, now.cpu_us - self.cpu_us)
+        return RedisCost(now.commands - self.commands, now.scripts - self.scripts, now.cpu_us - self.cpu_us)
 
 
 @dataclass

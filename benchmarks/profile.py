@@ -1,12 +1,14 @@
-"""Profile the per-job path of a worker with py-spy: ``python -m benchmarks.profile [plain] [astages]``.
+"""Profile the per-job path of a worker with py-spy: ``python -m benchmarks.profile [plain] [astages] [lean]``.
 
-For each kind of worker: start it, queue N no-op jobs in a queue it does not serve
+For each kind of worker (plain arq; astages via arq's Worker; ``lean``: astages worker):
+start it, queue N no-op jobs in a queue it does not serve
 (plain: with ``enqueue_job``; astages: one stage, recorded and started), attach
 ``py-spy record``, move the jobs to the worker's queue (RENAME) and sample it until the
 queue is empty. The sampled stacks
-are summed into where the worker's time went: astages' two script calls, the rest of
-astages' wrapper and hooks, arq's own job handling, arq claiming jobs, the event loop,
-idle. ``--raw DIR`` keeps py-spy's collapsed stacks (for a flame graph).
+are summed into where the worker's time went: astages' script calls (start and report on
+arq's Worker; claim and end on astages worker), the rest of astages' wrapper and hooks,
+arq's own job handling, arq claiming jobs, the event loop, idle. ``--raw DIR`` keeps
+py-spy's collapsed stacks (for a flame graph).
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ from pathlib import Path
 
 import astages
 from benchmarks.common import Config, Table, Workers, connect, flush
-from benchmarks.throughput import ASTAGES_QUEUE, PLAIN_QUEUE, wait_empty
+from benchmarks.throughput import QUEUES, wait_empty
 
 # (category, frames that mark it): the first rule with a frame on a sample's stack wins.
 RULES = [
+    ("astages worker: claim_jobs script call", ("HardenedWorker._claim_lean (astages/runner.py",), ()),
+    ("astages worker: end_jobs script call", ("EndJobs._batch (astages/worker.py",), ()),
+    ("astages worker: running a job (as arq does)", ("HardenedWorker._run_lean (astages/runner.py",), ()),
+    ("astages worker: taking jobs, poll loop", ("HardenedWorker.",), ()),
     ("astages: finish_job script call", ("_report (astages/worker.py",), ()),
+    ("astages: finish_job script call", ("Coalescer._finishes (astages/worker.py",), ()),
+    ("astages: start_job script call", ("Coalescer._starts (astages/worker.py",), ()),
     ("astages: start_job script call", ("Store.run (astages/_scripts.py",), ("_run_staged",)),
     ("astages: rest of the wrapper and hooks", ("astages/worker.py",), ()),
     ("arq: run_job (its Redis work, bookkeeping)", ("Worker.run_job (arq/worker.py",), ()),
@@ -88,15 +96,17 @@ def _keep(folder: Path, kind: str, raw: str) -> None:
 
 async def profile(cfg: Config, kind: str, n: int, rate: int = 250) -> tuple[str, float]:
     """py-spy's collapsed stacks of one ``kind`` worker running ``n`` queued jobs, and the time."""
-    queue = ASTAGES_QUEUE if kind == "astages" else PLAIN_QUEUE
+    queue = QUEUES[kind]
     hold = queue + ":hold"  # the jobs wait here, then move to the worker's queue at once
     redis = await connect(cfg, hold)
     await flush(redis)
     out = Path(tempfile.mkdtemp(prefix="bench-prof-")) / f"{kind}.txt"
     try:
         async with Workers(cfg, kind, queue, 1) as workers:
-            if kind == "astages":
-                group = await astages.StagedGroup.create(redis, "profile")
+            if kind in ("astages", "lean"):
+                # no window: the whole stage is in the held queue before it moves (else the
+                # jobs the window sends later would go to the held queue)
+                group = await astages.StagedGroup.create(redis, "profile", window=None)
                 stage = await group.stage(1)
                 await stage.enqueue_many(("noop", ("profile", 1, i)) for i in range(n))
                 await group.initiate()
@@ -117,7 +127,11 @@ async def profile(cfg: Config, kind: str, n: int, rate: int = 250) -> tuple[str,
     return _read(out), elapsed
 
 
-async def run(cfg: Config, kinds: tuple[str, ...] = ("plain", "astages"), keep: Path | None = None) -> list[Table]:
+KINDS = ("plain", "astages", "lean")
+NAMES = {"plain": "plain arq worker", "astages": "astages-via-arq worker", "lean": "astages worker"}
+
+
+async def run(cfg: Config, kinds: tuple[str, ...] = KINDS, keep: Path | None = None) -> list[Table]:
     n = cfg.size(5_000, 1_000)
     tables = []
     for kind in kinds:
@@ -128,7 +142,7 @@ async def run(cfg: Config, kinds: tuple[str, ...] = ("plain", "astages"), keep: 
             _keep(keep, kind, raw)
         cats, leaves, total = summarise(raw)
         t = Table(
-            f"Where a {kind} worker's time goes: {n:,} queued no-op jobs, {elapsed:.2f} s under py-spy "
+            f"Where a {NAMES[kind]}'s time goes: {n:,} queued no-op jobs, {elapsed:.2f} s under py-spy "
             f"({total:,} samples)",
             ["category", "samples", "share"],
         )
@@ -144,13 +158,13 @@ async def run(cfg: Config, kinds: tuple[str, ...] = ("plain", "astages"), keep: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
-    parser.add_argument("kind", nargs="*", help="plain, astages (default: both)")
+    parser.add_argument("kind", nargs="*", help="plain, astages, lean (default: all three)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--redis-url", default=Config.url)
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks in this folder")
     args = parser.parse_args()
     cfg = Config(url=args.redis_url, quick=args.quick)
-    for table in asyncio.run(run(cfg, tuple(args.kind or ("plain", "astages")), args.raw)):
+    for table in asyncio.run(run(cfg, tuple(args.kind or KINDS), args.raw)):
         print(table.render(), "\n")
 
 

@@ -75,6 +75,11 @@ _COMMON: dict[str, Any] = {
     "handle_signals": True,
 }
 
+if os.environ.get("BENCH_COALESCE_MS"):  # experiments: astages' coalescing window
+    import astages.worker
+
+    astages.worker.COALESCE_WINDOW = float(os.environ["BENCH_COALESCE_MS"]) / 1000
+
 # Plain arq: the functions as they are.
 PLAIN: dict[str, Any] = {**_COMMON, "functions": [noop, flaky]}
 

@@ -14,7 +14,9 @@ first enqueue to the last job done:
 - ``astages worker``: the same, run by ``astages worker`` (``HardenedWorker``, whose lean
   path takes, runs and ends staged jobs with one script call each per batch);
 - the same three with every tenth job failing its first try (``Retry``) and re-run;
-- ``arq, no stages``: every job enqueued at once, no waiting between stages (the floor).
+- ``arq, no stages``: every job enqueued at once, no waiting between stages (the floor);
+- both astages paths with the group's event stream off (``events=0``): what the per-job
+  events cost (target 5).
 
 Every run is checked: each job ran once (a failing one exactly twice), and no job of
 stage k+1 started before every job of stage k ended. The gaps between those two moments
@@ -90,9 +92,19 @@ async def lean_staged(redis: ArqRedis, run: str, fn: str, stages: int, per_stage
     return await _astages(redis, LEAN_QUEUE, run, fn, stages, per_stage)
 
 
-async def _astages(redis: ArqRedis, queue: str, run: str, fn: str, stages: int, per_stage: int) -> float:
+async def lean_no_events(redis: ArqRedis, run: str, fn: str, stages: int, per_stage: int) -> float:
+    return await _astages(redis, LEAN_QUEUE, run, fn, stages, per_stage, events=0)
+
+
+async def astages_no_events(redis: ArqRedis, run: str, fn: str, stages: int, per_stage: int) -> float:
+    return await _astages(redis, ASTAGES_QUEUE, run, fn, stages, per_stage, events=0)
+
+
+async def _astages(
+    redis: ArqRedis, queue: str, run: str, fn: str, stages: int, per_stage: int, **options: Any
+) -> float:
     t0 = time.perf_counter()
-    async with astages.within_a_grouping(redis, run) as group:
+    async with astages.within_a_grouping(redis, run, **options) as group:
         for s in range(1, stages + 1):
             stage = await group.stage(s)
             for i in range(per_stage):
@@ -112,6 +124,8 @@ VARIANTS: dict[str, tuple[str, Any, str, bool]] = {
     "astages via arq, 10% retried": ("astages", astages_staged, "flaky", True),
     "astages worker, 10% retried": ("lean", lean_staged, "flaky", True),
     "arq, no stages (floor)": ("plain", arq_flat, "noop", False),
+    "astages via arq, events=0": ("astages", astages_no_events, "noop", True),
+    "astages worker, events=0": ("lean", lean_no_events, "noop", True),
 }
 REFERENCE = {
     "arq, stage by stage": "arq, stage by stage",
@@ -121,6 +135,8 @@ REFERENCE = {
     "astages via arq, 10% retried": "arq, stage by stage, 10% retried",
     "astages worker, 10% retried": "arq, stage by stage, 10% retried",
     "arq, no stages (floor)": "arq, stage by stage",
+    "astages via arq, events=0": "arq, stage by stage",
+    "astages worker, events=0": "arq, stage by stage",
 }
 # target time ratios (target 1 and 2)
 TARGETS = {
@@ -186,7 +202,7 @@ async def measure(
             "reference": ref,
             "worker_cpu_ms": median(worker_cpu[name]) / (stages * per_stage) * 1000,
             "redis_cmds": median(c.commands for c in redis_cost[name]) / (stages * per_stage),
-            "redis_cmd_us": median(c.command_us for c in redis_cost[name]) / (stages * per_stage),
+            "redis_scripts": median(c.scripts for c in redis_cost[name]) / (stages * per_stage),
             "redis_cpu_us": median(c.cpu_us for c in redis_cost[name]) / (stages * per_stage),
             "client_cpu_ms": median(client_cpu[name]) / (stages * per_stage) * 1000,
             "missing": sum(c["missing"] for c in checks),
@@ -266,7 +282,7 @@ async def run(cfg: Config) -> list[Table]:
 
     c = Table(
         "Redis cost per job (same runs; client and worker together)",
-        ["workload", "commands/job", "vs arq", "command us/job", "Redis CPU us/job", "vs arq", "jobs/s per Redis core"],
+        ["workload", "commands/job", "vs arq", "scripts/job", "Redis CPU us/job", "vs arq", "jobs/s per Redis core"],
     )
     for name, r in res.items():
         base = res.get(r["reference"], r)
@@ -275,22 +291,23 @@ async def run(cfg: Config) -> list[Table]:
                 name,
                 r["redis_cmds"],
                 round(r["redis_cmds"] / base["redis_cmds"], 3),
-                r["redis_cmd_us"],
+                r["redis_scripts"],
                 r["redis_cpu_us"],
                 round(r["redis_cpu_us"] / base["redis_cpu_us"], 3),
                 1e6 / r["redis_cpu_us"],
             ]
         )
     c.notes.append(
-        "commands: INFO commandstats calls (a script call and every command it runs each count one); command us: "
-        "its usec; Redis CPU: INFO cpu used_cpu_user + used_cpu_sys of the server over the run (networking and "
-        "the event loop included): jobs/s per Redis core = 1e6 / Redis CPU us per job, the ceiling of one Redis"
+        "commands: INFO commandstats calls (a script call and every command it runs each count one); script "
+        "calls: EVALSHA/EVAL/FCALL; Redis CPU: INFO cpu used_cpu_user + used_cpu_sys of the server over the run "
+        "(networking and the event loop included): jobs/s per Redis core = 1e6 / Redis CPU us per job, the "
+        "ceiling of one Redis"
     )
     c.notes.append(
         "server-wide: other clients of the same server count too (measure on a server of its own for exact figures)"
     )
     c.notes.append("targets: astages worker <= 1.00 x arq (commands and CPU); astages via arq <= 1.25 x")
     c.data = {
-        name: {k: r[k] for k in ("redis_cmds", "redis_cmd_us", "redis_cpu_us", "reference")} for name, r in res.items()
+        name: {k: r[k] for k in ("redis_cmds", "redis_scripts", "redis_cpu_us", "reference")} for name, r in res.items()
     }
     return [t, g, c]

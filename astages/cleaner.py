@@ -280,6 +280,8 @@ def _group_breaches(group: dict[bytes, bytes], numbers: list[str], rows: list[An
             out.extend(_flow_breaches(where, stage, seqs, opens))
             in_flight += counts["queued"] + counts["running"] + counts["pending_re_run"]
     group_cap = _cap(group.get(b"max_in_flight"))
+    if group_cap is not None:  # lowered under the jobs then in flight: they drain first
+        group_cap = max(group_cap, _cap(group.get(b"cap_drain")) or 0)
     if group_cap is not None and in_flight > group_cap:
         out.append(f"the group has {in_flight} jobs in flight > its max_in_flight {group_cap}")
     return out
@@ -299,6 +301,8 @@ def _flow_breaches(where: str, stage: dict[bytes, bytes], seqs: list[str], opens
     out = []
     flight = sum(1 for code in opens.values() if code[:1] in WITH_ARQ)
     cap = _cap(stage.get(b"max_in_flight"))
+    if cap is not None:  # lowered under the jobs then in flight: they drain first
+        cap = max(cap, _cap(stage.get(b"cap_drain")) or 0)
     if cap is not None and flight > cap:
         out.append(f"{where}: in flight {flight} > max_in_flight {cap}")
     cursor = _cap(stage.get(b"cursor")) or 0

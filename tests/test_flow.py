@@ -284,7 +284,7 @@ async def test_a_cap_holds_with_real_workers(real_redis):
     try:  # a worker closes its pool when it stops: each worker has its own
         await asyncio.gather(run_burst(real_redis, [counted]), run_burst(other, [counted]))
     finally:
-        await other.aclose()
+        await other.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
     assert not await group.exists()
     assert int(await real_redis.get(PEAK)) == 3
 
@@ -331,3 +331,25 @@ async def test_show_watch_and_dashboard_show_what_holds_a_stage(real_redis, redi
         group_page = (await client.get(f"/groups/{group.id}")).text
     assert "4 in flight · 26 waiting to be sent" in stage_page and "held by" in stage_page
     assert "held by" in group_page
+
+
+async def test_a_lowered_cap_drains_without_a_breach(real_redis):
+    """A cap lowered under the jobs in flight sends nothing more until they drain below it,
+    and Cleaner.check does not call the jobs already in flight a breach (it did until they
+    drained); a stage or group over a cap that was never lowered still is one."""
+    group, _ = await make(real_redis, 20, max_in_flight=8)
+    await group.stage(1).set_limits(max_in_flight=6)
+    await group.initiate()
+    assert (await group.stage(1).progress()).in_flight == 6
+    await group.stage(1).set_limits(max_in_flight=2)
+    await group.set_limits(max_in_flight=3)
+    assert not await Cleaner.check(real_redis)
+    for seq in (1, 2, 3):  # 6 -> 3 in flight: nothing sent while above the cap
+        await report(group, 1, seq)
+    assert (await group.stage(1).progress()).in_flight == 3
+    await report(group, 1, 4)
+    await report(group, 1, 5)  # 1 in flight: room for one more under the stage cap of 2
+    assert (await group.stage(1).progress()).in_flight == 2
+    assert not await Cleaner.check(real_redis)
+    await real_redis.hset(group.store.keys.stage(group.id, 1), "max_in_flight", 1)  # planted: no drain
+    assert "in flight 2 > max_in_flight 1" in str(await Cleaner.check(real_redis))

@@ -383,12 +383,13 @@ local flow = nil
 -- iv (rate interval ms, nil: none), offset (priority head start, ms).
 local function group_flow()
   if flow == nil then
-    local h = redis.call('HMGET', G, 'window', 'max_in_flight', 'rate_iv', 'priority')
+    local h = redis.call('HMGET', G, 'window', 'max_in_flight', 'rate_iv', 'priority', 'cap_drain')
     local window = tonumber(h[1]) or DEFAULT_WINDOW
     if window < 0 then window = DEFAULT_WINDOW end
     local iv = tonumber(h[3])
     if iv and not (iv > 0) then iv = nil end
-    flow = {window = window, cap = tonumber(h[2]), iv = iv, offset = (tonumber(h[4]) or 0) * PRIORITY_MS}
+    flow = {window = window, cap = tonumber(h[2]), iv = iv, offset = (tonumber(h[4]) or 0) * PRIORITY_MS,
+      drain = h[5]}
   end
   return flow
 end
@@ -409,6 +410,10 @@ local function group_room()
     local sk = stage_key(m)
     if redis.call('HGET', sk, 'status') == 'running' then used = used + stage_in_flight(sk) end
   end
+  if group_flow().drain and used <= cap then  -- a lowered cap has drained (see set_limits.lua)
+    redis.call('HDEL', G, 'cap_drain')
+    group_flow().drain = nil
+  end
   return cap - used
 end
 
@@ -423,7 +428,7 @@ end
 local function top_up(n, now, budget, g_room)
   local sk = stage_key(n)
   local h = redis.call('HMGET', sk, 'cursor', 'queued', 'running', 'pending_re_run', 'max_in_flight',
-    'rate_iv', 'rate_next', 'held')
+    'rate_iv', 'rate_next', 'held', 'cap_drain')
   local cursor = tonumber(h[1]) or 0
   local total = redis.call('LLEN', sk .. ':jobs')
   local was_held = h[8] or ''
@@ -437,6 +442,7 @@ local function top_up(n, now, budget, g_room)
   if gf.window > 0 then room, why = gf.window - in_flight, 'window' end
   local cap = tonumber(h[5])
   if cap and cap - in_flight < room then room, why = cap - in_flight, 'stage_cap' end
+  if h[9] and (not cap or in_flight <= cap) then redis.call('HDEL', sk, 'cap_drain') end  -- drained
   if g_room and g_room < room then room, why = g_room, 'group_cap' end
   local s_iv, g_iv = tonumber(h[6]), gf.iv
   if s_iv and not (s_iv > 0) then s_iv = nil end
@@ -836,13 +842,16 @@ end
 -- In a batch (start_jobs, finish_jobs, claim_jobs, end_jobs), what one job's transition
 -- read once for the call (the group's TTL and events cap) is read again for the next job
 -- after a transition that moved the group on (finishing it may keep it with a new TTL).
+-- Returns true when it did (the group moved on).
 local function batch_step(reply)
   local o = type(reply) == 'table' and reply[1] or reply
   if o ~= 'open' and o ~= 'retry' and o ~= 'dup' and o ~= 'stale' and o ~= 'run' then
     group_pttl = nil
     events_cap = nil
     group_exists = nil
+    return true
   end
+  return false
 end
 
 -- A call a user makes (every script but a worker's per-job reports and the maintenance

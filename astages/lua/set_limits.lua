@@ -21,6 +21,19 @@ local function put(field, value)
   if value == '' then redis.call('HDEL', key, field) else redis.call('HSET', key, field, value) end
 end
 put('max_in_flight', ARGV[7])
+-- A cap lowered under the jobs in flight now: nothing more is sent until they drain below
+-- it, and Cleaner.check allows up to that many meanwhile (drain: the count at lowering).
+if (ARGV[7] or '-') ~= '-' then
+  local cap, flying = tonumber(ARGV[7]), 0
+  if key == G then
+    for _, m in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
+      if redis.call('HGET', stage_key(m), 'status') == 'running' then flying = flying + stage_in_flight(stage_key(m)) end
+    end
+  else
+    flying = stage_in_flight(key)
+  end
+  if cap and flying > cap then redis.call('HSET', key, 'cap_drain', flying) else redis.call('HDEL', key, 'cap_drain') end
+end
 if (ARGV[8] or '-') ~= '-' then
   local old = tonumber(redis.call('HGET', key, 'rate_iv'))
   local nxt = tonumber(redis.call('HGET', key, 'rate_next'))

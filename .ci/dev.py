@@ -7,7 +7,8 @@
 
 Both make (or reuse) a virtual environment in ``.venv`` and install the project into it
 (``.[dev]`` for the tests). ``test`` also installs Debian's ``chromium`` for the browser
-tests when it is missing (``apt-get``, as root or through ``sudo``); the tests find a Redis
+tests and ``prometheus`` (for ``promtool``) when they are missing (``apt-get``, as root
+or through ``sudo``); the tests find a Redis
 server on 127.0.0.1:6379 or start one themselves (tests/conftest.py). Standard library
 only: this runs before anything is installed.
 """
@@ -82,8 +83,11 @@ def demo(args: list[str]) -> int:
 
 def test(args: list[str]) -> int:
     install("dev")
-    if not CHROMIUM.exists():
-        apt_install("chromium")  # tests/web/test_browser.py drives it through Playwright
+    missing = [] if CHROMIUM.exists() else ["chromium"]  # tests/web/test_browser.py drives it (Playwright)
+    if not shutil.which("promtool"):
+        missing.append("prometheus")  # promtool: tests/test_metrics.py runs the alert rules' unit tests
+    if missing:
+        apt_install(*missing)
     return subprocess.call([str(PYTHON), "-m", "pytest", *args], cwd=ROOT)
 
 

@@ -24,7 +24,7 @@ async def one_size(cfg: Config, n: int, sample: int) -> dict[str, float]:
     redis = await connect(cfg, QUEUE)
     try:
         await flush(redis)
-        group = await astages.StagedGroup.create(redis, f"flat {n}")
+        group = await astages.StagedGroup.create(redis, f"flat {n}", window=None)  # every job sent at once
         stage = await group.stage(1)
         await stage.enqueue_many(("noop", (i,)) for i in range(n))
         await group.initiate()

@@ -47,6 +47,16 @@ async def done(ctx: dict[str, Any], summary: Any) -> str:
     return str(summary.outcome)
 
 
+GATE: dict[str, asyncio.Event] = {}
+
+
+async def gated(ctx: dict[str, Any], tag: str) -> str:
+    GATE["started"].set()
+    await GATE["open"].wait()
+    RAN.append((tag, ctx["job_try"]))
+    return tag
+
+
 async def plain(ctx: dict[str, Any], x: int) -> int:
     RAN.append((f"plain {x}", ctx["job_try"]))
     return 2 * x
@@ -73,7 +83,7 @@ def scripts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def settings(**options: Any) -> dict[str, Any]:
     options.setdefault("sweep_interval", 0)
-    return astages.worker_settings(functions=[step, flaky, broken, plain, done], handle_signals=False, **options)
+    return astages.worker_settings(functions=[step, flaky, broken, plain, done, gated], handle_signals=False, **options)
 
 
 async def run_hardened(redis: ArqRedis, **options: Any) -> None:
@@ -270,3 +280,24 @@ async def _ran(tag: str) -> bool:
 
 async def _successful(group: astages.StagedGroup, count: int) -> bool:
     return (await group.stage(1).progress()).successful == count
+
+
+async def test_astages_worker_clears_the_abort_request_of_a_job_it_ends(real_redis: ArqRedis) -> None:
+    """A staged job that ends on the lean path leaves arq's abort set, as arq's own bookkeeping does."""
+    GATE.update(started=asyncio.Event(), open=asyncio.Event())
+    async with astages.within_a_grouping(real_redis, "abort") as group:
+        (job,) = await (await group.stage(1)).enqueue_many([(gated, ("gated",))])
+    worker = HardenedWorker(**settings(), redis_pool=real_redis, poll_delay=0.01)
+    task = asyncio.ensure_future(worker.main())
+    try:
+        await asyncio.wait_for(GATE["started"].wait(), 10)
+        await real_redis.zadd("arq:abort", {job.id or "": 1})  # asked while it runs (the worker does not abort)
+        GATE["open"].set()
+        await wait_for(lambda: _gone(group), what="the group to finish")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+    assert RAN == [("gated", 1)]
+    assert await real_redis.zscore("arq:abort", job.id or "") is None

@@ -12,6 +12,9 @@
 local ARQ_RETRY = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'retry:'
 local ARQ_RESULT = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'result:'
 local queue = ARGV[6]
+-- Whether arq's abort set exists, read once (and again after a transition that moved the
+-- group on: stopping it asks arq to abort running jobs): ZREM from a missing set does nothing.
+local aborts = nil
 local out = {}
 for i = 1, tonumber(ARGV[7]) do
   local at = 7 + (i - 1) * 10
@@ -25,7 +28,8 @@ for i = 1, tonumber(ARGV[7]) do
       end
     end
     redis.call('DEL', ARQ_IN_PROGRESS .. id, ARQ_RETRY .. id, ARQ_JOB .. id)
-    redis.call('ZREM', ARQ_ABORT, id)
+    if aborts == nil then aborts = redis.call('EXISTS', ARQ_ABORT) == 1 end
+    if aborts then redis.call('ZREM', ARQ_ABORT, id) end
     redis.call('ZREM', queue, id)
   else
     redis.call('DEL', ARQ_IN_PROGRESS .. id)
@@ -34,7 +38,7 @@ for i = 1, tonumber(ARGV[7]) do
   local reply = {'', '', 0}
   if ARGV[at + 9] ~= '' then
     reply = finish_one(ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4]), ARGV[at + 9], ARGV[at + 10])
-    batch_step(reply)
+    if batch_step(reply) then aborts = nil end
   end
   out[i] = reply
 end

@@ -185,6 +185,29 @@ def test_relative_links_resolve() -> None:
     assert not broken, "\n".join(broken)
 
 
+def test_readme_links_into_the_docs_resolve() -> None:
+    """The README (the front page) links into docs/ with relative links that name existing
+    files and headings, and links every page of the navigation's top level."""
+    readme = ROOT / "README.md"
+    broken, linked = [], set()
+    for match in LINK.finditer(prose(readme)):
+        target = match.group(1)
+        if re.match(r"^[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (ROOT / path).resolve() if path else readme
+        if not file.is_file():
+            broken.append(f"{target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target} (no such heading)")
+        linked.add(path)
+    assert not broken, "\n".join(broken)
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    top = [item for entry in config["nav"] for item in entry.values() if isinstance(item, str)]
+    missing = [page for page in top if page != "index.md" and f"docs/{page}" not in linked]
+    assert not missing, f"the README links no {missing}"
+
+
 def test_link_checker_sees_a_broken_link(tmp_path: Path) -> None:
     """The anchor check is not vacuous: headings slug as mkdocs does."""
     assert slug("`arq` or `astages worker`") == "arq-or-astages-worker"

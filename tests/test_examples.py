@@ -1,4 +1,4 @@
-"""The README's examples run as they are written: its app with `arq` and with `astages
+"""The README's example runs as it is written: its app with `arq` and with `astages
 worker` against a real server, and the FastAPI app that mounts the dashboard."""
 
 from __future__ import annotations
@@ -86,12 +86,16 @@ async def test_the_fastapi_example_mounts_the_dashboard(redis_server: Any, monke
             assert (await client.get("/stages/api/groups")).json()["groups"] == []
 
 
-def test_every_python_block_of_the_readme_compiles() -> None:
-    """No python block in the README has a syntax error (the runnable ones run above and
-    in tests/testing/test_plugin.py)."""
-    text = README.read_text(encoding="utf-8")
+@pytest.mark.parametrize(
+    "page", [README, *sorted((ROOT / "docs").rglob("*.md"))], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_python_block_of_the_readme_compiles(page: Path) -> None:
+    """No python block in the README or a docs/ page has a syntax error (the runnable ones
+    run above, in tests/test_docs.py and in tests/testing/test_plugin.py)."""
+    text = page.read_text(encoding="utf-8")
     blocks = re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)
-    assert len(blocks) >= 5
+    if page == README:
+        assert blocks, "the README has no python block"
     for indent, block in blocks:
         code = "\n".join(line.removeprefix(indent) for line in block.splitlines())
-        compile(code, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        compile(code, str(page.relative_to(ROOT)), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)

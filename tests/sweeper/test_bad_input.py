@@ -1,4 +1,4 @@
-"""The bad-input table of the README's operations section: each user mistake gets a clear
+"""The bad-input table of docs/operations.md ("Bad input"): each user mistake gets a clear
 error or a clear job failure, never a stuck group or a crashed worker (real Redis)."""
 
 from __future__ import annotations

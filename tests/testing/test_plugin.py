@@ -1,4 +1,4 @@
-"""The pytest plugin as a user meets it: the README's example test, run by a separate pytest."""
+"""The pytest plugin as a user meets it: the example test of docs/testing.md, run by a separate pytest."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 
 
 def readme_example() -> dict[str, str]:
-    """The files of the example in the README's "Testing your stages" (first line names each)."""
-    section = README.read_text(encoding="utf-8").split("## Testing your stages", 1)[1].split("\n## ", 1)[0]
+    """The files of the example at the top of docs/testing.md, "Testing your stages" (first
+    line names each)."""
+    section = PAGE.read_text(encoding="utf-8").split("# Testing your stages", 1)[1].split("\n## ", 1)[0]
     files = {}
     for block in re.findall(r"```(?:python|ini)\n(.*?)```", section, flags=re.S):
         name = block.splitlines()[0].removeprefix("# ").strip()
@@ -39,7 +40,7 @@ def run_example(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_readme_names_its_example_files() -> None:
-    """The README's example is a pytest.ini, a conftest.py and a test file."""
+    """The page's example is a pytest.ini, a conftest.py and a test file."""
     assert sorted(readme_example()) == ["conftest.py", "pytest.ini", "test_import.py"]
 
 

@@ -32,7 +32,7 @@ def count_scripts(monkeypatch, redis) -> list[str]:
 async def test_one_at_a_time_is_written_in_batches(redis, monkeypatch):
     """3,000 single enqueues in the block cost a handful of script calls; ids are known at once."""
     calls = count_scripts(monkeypatch, redis)
-    async with astages.within_a_grouping(redis, "batched") as group:
+    async with astages.within_a_grouping(redis, "batched", window=None) as group:  # every job sent
         stage = await group.stage(1)
         jobs = [await stage.enqueue(work, i) for i in range(3_000)]
         assert [job.ref.seq for job in jobs] == list(range(1, 3_001))

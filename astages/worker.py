@@ -39,6 +39,7 @@ from arq.jobs import deserialize_result
 from arq.worker import Function, RetryJob, func
 from redis.exceptions import RedisError
 
+from astages import tracing
 from astages._keys import DEFAULT_PREFIX, CallbackRef, JobRef, Keys
 from astages._scripts import FIRST_CHUNK, Motion, Store, raise_code, text
 from astages.exceptions import CorruptRecord, JobNotRun, RetriesExhausted
@@ -104,7 +105,7 @@ class _Runtime:
 # start_jobs/finish_jobs call per group per window (the first call after a quiet window
 # goes at once). arq's Worker takes jobs one at a time, so without a window its jobs'
 # starts and reports hardly ever meet in one event-loop turn.
-COALESCE_WINDOW = 0.005
+COALESCE_WINDOW = 0.010
 # How long (s) astages worker lets its poll claim a new stage's first chunk before it
 # sends the rest of the stage.
 SEND_ON_DELAY = 0.002
@@ -243,6 +244,8 @@ class Coalescer:
             motions = [await self.reports.move("finish_job", group_id, *calls[0])]
         else:
             motions = await self.reports.moves("finish_jobs", group_id, calls)
+        if tracing.ACTIVE is not None:  # spans of a stage or group a report ended
+            tracing.ACTIVE.reported(group_id, [(c[0], c[3]) for c in calls], motions)
         await self._send_on(group_id, motions)
         return motions
 
@@ -268,6 +271,8 @@ class EndJobs(Coalescer):
         if kind != "end":
             return await super()._batch(kind, group_id, calls)
         motions = await self.arq.moves("end_jobs", group_id, calls, self.queue_name)
+        if tracing.ACTIVE is not None:  # spans of a stage or group a report ended
+            tracing.ACTIVE.reported(group_id, [(c[1], c[8]) for c in calls], motions)
         await self._send_on(group_id, motions)
         return motions
 
@@ -370,8 +375,13 @@ async def _run_staged(
             reason = "it no longer exists in astages (the job, its stage or its group was deleted)"
         raise JobNotRun(str(ctx["job_id"]), reason)
     ctx[CTX_JOB] = StagedJob(store, ref, name, args, kwargs, runtime.queue_name, ctx.get("enqueue_time"))
+    tracer = tracing.ACTIVE
     try:
-        result = await coroutine(ctx, *args, **kwargs)
+        if tracer is None:
+            result = await coroutine(ctx, *args, **kwargs)
+        else:  # the run inside its span (astages/tracing.py)
+            call = functools.partial(coroutine, ctx, *args, **kwargs)
+            result = await tracer.job(store.redis, runtime.keys, ctx, ref, name, max_tries, runtime.retry_jobs, call)
     except (Retry, RetryJob) as e:
         if not runtime.retry_jobs:
             await _report(ctx, store, ref, "f", describe_error(e))
@@ -410,8 +420,10 @@ async def _settle(ctx: dict[str, Any], runtime: _Runtime) -> None:
         # while it is sent, and then arq fails the job for good): arq's record decides.
         outcome, error = await _arq_outcome(store, job_id, job_try, ctx.get(CTX_MAX_TRIES, runtime.max_tries), runtime)
         ctx[CTX_OUTCOME] = (outcome, error)
-    await store.move("finish_job", ref.group_id, ref.stage, ref.seq, job_try, outcome, error)
+    motion = await store.move("finish_job", ref.group_id, ref.stage, ref.seq, job_try, outcome, error)
     ctx[CTX_REPORTED] = True
+    if tracing.ACTIVE is not None:
+        tracing.ACTIVE.reported(ref.group_id, [(ref.stage, outcome)], [motion])
 
 
 async def _arq_outcome(store: Store, job_id: str, job_try: int, max_tries: int, runtime: _Runtime) -> tuple[str, str]:
@@ -464,6 +476,7 @@ def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: floa
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx[CTX_REDIS] = reconnecting_client(ctx["redis"])
         ctx[CTX_COALESCE] = Coalescer(ctx[CTX_REDIS], Keys(prefix), ctx.get(CTX_WAKE))
+        tracing.setup()  # on when the tracing extra is installed and a tracer provider configured
         if hook is not None:
             await hook(ctx)  # the user's own start-up failing stops the worker, as in arq
         if not interval:

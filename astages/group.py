@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from astages import tracing
 from astages._flow import FlowLimits, Rate, cap_arg, priority_arg, rate_args, window_arg
 from astages._keys import DEFAULT_PREFIX, Keys
 from astages._scripts import Motion, RecordBuffer, Store, raise_code, text
@@ -162,6 +163,7 @@ class StagedGroup:
             *policy.script_args(),
             "" if ttl is None else created + math.ceil(ttl * 1000),
             *limits,
+            tracing.parent_field(),
         )
         return cls(store, group_id, description, ms_to_datetime(created))
 

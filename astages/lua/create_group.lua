@@ -3,7 +3,8 @@
 -- the safety deadline (epoch ms; '' for none): every key of a group that has not ended
 -- by then expires (see follow_ttl). ARGV[13..16] (optional, '' for none): the flow
 -- limits max_in_flight, rate interval (ms), rate (as given), priority, ARGV[17] window
--- ('' for the default; see top_up).
+-- ('' for the default; see top_up), ARGV[18] (optional) the creating caller's span for
+-- tracing, "<trace id>-<span id>-<flags>" ('' for none; see astages/tracing.py).
 -- Returns 1, or 0 when a group with this id exists already.
 if redis.call('EXISTS', G) == 1 then return 0 end
 -- checked before any write: a deadline past the year 3000 is none Redis could refuse
@@ -18,5 +19,6 @@ for i, field in ipairs(limits) do
   local v = ARGV[12 + i]
   if v and v ~= '' then redis.call('HSET', G, field, v) end
 end
+if ARGV[18] and ARGV[18] ~= '' then redis.call('HSET', G, 'trace', ARGV[18]) end
 if deadline then redis.call('PEXPIREAT', G, int(deadline)) end
 return 1

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,12 +251,22 @@ async def replay_reports(redis: ArqRedis, watch: Watch, rng: random.Random) -> N
             continue
 
 
-async def test_chaos(real_redis: ArqRedis, redis_server: Server, fleet: Fleet) -> None:
+@pytest.fixture
+async def redis(redis_server: Server) -> AsyncIterator[ArqRedis]:
+    """The test's own connection, with astages' retry policy (closed however the test ends:
+    a failed run left its sockets to a later test's garbage collection)."""
+    pool = await create_pool(reconnecting(redis_server.settings))
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+async def test_chaos(real_redis: ArqRedis, redis: ArqRedis, redis_server: Server, fleet: Fleet) -> None:
     """10 groups x 3 stages x 100 jobs survive a SIGKILLed worker, dropped connections and replays."""
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     print(f"CHAOS_SEED={seed}")
     rng = random.Random(seed)
-    redis = await create_pool(reconnecting(redis_server.settings))
     started = time.monotonic()
     watch = Watch()
     groups, kinds = [], {}
@@ -368,11 +378,14 @@ async def test_chaos(real_redis: ArqRedis, redis_server: Server, fleet: Fleet) -
     assert watch.samples >= 20
     assert watch.breaches == []
     assert watch.replays > 0 and watch.anomalies == []
-    # every job ran; no try ran twice; only the killed worker left runs unfinished
+    # every job ran; no try ran twice; only the killed worker (or one that died) left runs unfinished
     assert {r.tag for r in starts} == {f"{g}-{n}-{i}" for g in range(GROUPS) for n in (1, 2, 3) for i in range(JOBS)}
     twice = [k for k, c in collections.Counter((r.tag, r.job_try) for r in starts).items() if c > 1]
     assert twice == []
-    assert unfinished and {r.pid for r in unfinished} == {victim.pid}
+    # (or a plain arq worker that died on a dropped connection mid-job and was restarted:
+    # arq's own behaviour; its run goes again once the in-progress mark expires)
+    assert unfinished and victim.pid in {r.pid for r in unfinished}
+    assert {r.pid for r in unfinished} <= fleet.killed
     for r in unfinished:
         assert r.tag in reruns or r.job_try >= chaos_app.MAX_TRIES, f"{r.tag} try {r.job_try} never ran again"
     # stage order: every record of stage n precedes the first start of stage n + 1
@@ -384,4 +397,3 @@ async def test_chaos(real_redis: ArqRedis, redis_server: Server, fleet: Fleet) -
             last = max(r.at for r in by_stage[(g, n)])
             first_next = min(r.at for r in by_stage[(g, n + 1)] if r.what == "start")
             assert last < first_next, f"group {g}: stage {n + 1} started {last - first_next:.3f}s early"
-    await redis.aclose()

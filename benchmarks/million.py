@@ -46,7 +46,9 @@ async def run(cfg: Config) -> list[Table]:
             await wait_empty(redis, LEAN_QUEUE)
             run_s = time.perf_counter() - t1
             spent = await cost.stop(redis)
-            left = [k async for k in redis.scan_iter(match="astages:*", count=1000) if b":reply:" not in k]
+            # keys of the group left (not the reply keys, the prefix's totals and samples, the sweeper's)
+            kept = (b":reply:", b"astages:totals", b"astages:series", b"astages:sweeper:")
+            left = [k async for k in redis.scan_iter(match="astages:*", count=1000) if not any(x in k for x in kept)]
         runs = [r for r in workers.runs if r.run == "million"]
         twice = len(runs) - len({r.index for r in runs})
         missing = n - len({r.index for r in runs})

@@ -106,6 +106,8 @@ class _Runtime:
 # goes at once). arq's Worker takes jobs one at a time, so without a window its jobs'
 # starts and reports hardly ever meet in one event-loop turn.
 COALESCE_WINDOW = 0.010
+# How many groups the Coalescer remembers the last started stage of.
+STAGES_KEPT = 10_000
 # How long (s) astages worker lets its poll claim a new stage's first chunk before it
 # sends the rest of the stage.
 SEND_ON_DELAY = 0.002
@@ -142,6 +144,8 @@ class Coalescer:
         """start_job's verdict for try ``job_try`` of ``ref``. The worker's first start of a
         stage goes at once (no window: the stage has just started)."""
         first = self._stages.get(ref.group_id) != ref.stage
+        if first and len(self._stages) >= STAGES_KEPT:
+            self._stages.clear()  # bounded: a group forgotten only makes its next start go at once
         self._stages[ref.group_id] = ref.stage
         call = self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=first)
         verdict = text(await call)
@@ -155,6 +159,7 @@ class Coalescer:
         running = max(0, self._running.pop(ref.group_id, 0) - 1)
         if running:
             self._running[ref.group_id] = running
+
         call = self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=not running)
         motion: Motion = await call
         return motion

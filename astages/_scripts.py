@@ -264,7 +264,7 @@ class RecordBuffer:
                     while end < len(todo) and todo[end][0] == number and todo[end][1] == first + (end - start):
                         end += 1
                     specs = [spec for _, _, spec in todo[start:end]]
-                    reply = await store.run_now("enqueue", self.group_id, number, secrets.token_hex(8), first, *specs)
+                    reply = await store.run_now("enqueue", self.group_id, number, "", first, *specs)
                     raise_code(reply, self.group_id, number)
                     start = end
             except BaseException:

@@ -6,7 +6,7 @@ cannot help, a watched transaction is never retried), a failed heartbeat or a jo
 that died on a connection error is re-raised, and the worker exits. The plain ``arq``
 command therefore needs a process supervisor to restart it.
 
-``HardenedWorker`` is arq's ``Worker`` with four changes and nothing else:
+``HardenedWorker`` is arq's ``Worker`` with four changes for resilience:
 
 - a poll iteration that fails on a connection error is logged and retried after an
   exponential backoff with jitter (0.1 s doubling up to 5 s), until Redis answers again;
@@ -22,6 +22,19 @@ command therefore needs a process supervisor to restart it.
   (read back under WATCH: the queue entry and this run's in-progress mark tell), so it
   acts once, and a finished job does not run again when its mark expires;
 - a job task that died on a lost connection is logged instead of re-raised into the loop.
+
+With astages' settings (every function wrapped by ``astages.worker_settings``) it also
+takes staged jobs on a lean path; plain jobs on the same queue go through arq's own code
+as above. The staged jobs due in a poll are taken as many at a time as there are free
+slots with one ``claim_jobs`` script call per group (arq's due check, its in-progress mark,
+payload, try counter and abort check, and astages' start, for every job at once) and run
+the way arq runs a job (same ctx, hooks, timeout, retry and abort handling, results and
+counters); their ends, those of one event-loop turn together, are one ``end_jobs`` call per
+group (arq's result and clean-up, or a retry's new score, and astages' report). arq's
+records, queue, results and abort set keep arq's format. A failed claim is resolved by
+reading the marks back; a failed end by arq's bookkeeping redone once known not to have
+taken effect, the report left to ``after_job_end``. A report that starts a stage wakes
+the poll at once (as soon as a slot is free).
 
 Only connectivity loss is survived. Any other error does what it does in arq: a job task
 that died on it (a hook that raised, say) is re-raised into the loop and stops the

@@ -4,9 +4,11 @@
 settings (``arq app.WorkerSettings``, ``Worker(**settings)``). Each function is wrapped:
 
 - a job whose id is not a staged job id runs untouched (no Redis work at all);
-- a staged job is marked running (one script call, which also refuses to run a job whose
+- a staged job is marked running (a script call, which also refuses to run a job whose
   record is final already: arq re-delivers a job when a worker dies between our report
-  and its own clean-up), runs, and reports its outcome (one more script call);
+  and its own clean-up), runs, and reports its outcome (another script call); the starts
+  and reports of a worker's jobs within a short window share one call per group
+  (``Coalescer``);
 - an outcome the wrapper cannot see (the job was cancelled: a timeout, or the worker
   shutting down) or could not report (Redis unreachable) is settled in
   ``after_job_end`` from arq's own record of the job.

@@ -54,9 +54,10 @@ from prometheus_client.registry import Collector
 
 from astages import ops
 from astages._keys import DEFAULT_PREFIX, Keys
+from astages._scripts import text
 from astages._stats import stats_key
 from astages.models import decode_spec
-from astages.ops import TOTAL_FIELDS
+from astages.ops import TOTAL_FIELDS, as_int
 
 __all__ = ["CONTENT_TYPE_LATEST", "METRIC_NAMES", "AstagesCollector", "Metrics", "Snapshot"]
 
@@ -97,17 +98,6 @@ METRIC_NAMES = frozenset(
         "astages_scrape_seconds",
     }
 )
-
-
-def _s(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-def _int(raw: Any) -> int:
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _ms(raw: Any) -> int | None:
@@ -219,13 +209,15 @@ class Metrics:
             pipe.hgetall(stats_key(keys))
             (secs, micros), raw_ids, raw_stats = await pipe.execute()
         now_ms = int(secs) * 1000 + int(micros) // 1000
-        ids = [_s(i) for i in raw_ids]
+        ids = [text(i) for i in raw_ids]
         async with redis.pipeline(transaction=False) as pipe:
             for gid in ids:
                 pipe.zrange(keys.stages(gid), 0, -1)
             numbers = await pipe.execute(raise_on_error=False)
         per_group = [
-            (gid, [_int(n) for n in ns]) for gid, ns in zip(ids, numbers, strict=True) if not isinstance(ns, Exception)
+            (gid, [as_int(n) for n in ns])
+            for gid, ns in zip(ids, numbers, strict=True)
+            if not isinstance(ns, Exception)
         ]
         unknown = [(gid, n) for gid, ns in per_group for n in ns if (gid, n) not in self._queue_of]
         # One MULTI, as ops.cumulative: a group that ends meanwhile is in <prefix>:totals or
@@ -250,7 +242,7 @@ class Metrics:
         for gid, head, stage_rows in rows:
             if isinstance(head, Exception) or head[0] is None:
                 continue  # gone meanwhile (or not a hash): not a live group
-            groups[gid] = status = _s(head[0])
+            groups[gid] = status = text(head[0])
             for n, row in stage_rows:
                 if not isinstance(row, dict) or b"status" not in row:
                     continue  # gone meanwhile, or not a stage's hash
@@ -259,18 +251,18 @@ class Metrics:
                     StageRow(
                         group=gid,
                         group_status=status,
-                        group_created=_int(head[1]),
+                        group_created=as_int(head[1]),
                         number=n,
-                        status=_s(values["status"]),
-                        name=_s(values["name"]) if values["name"] is not None else "",
+                        status=text(values["status"]),
+                        name=text(values["name"]) if values["name"] is not None else "",
                         queue=self._queue_of.get((gid, n), ""),
                         started=_ms(values["started"]),
                         finished=_ms(values["finished"]),
-                        counts={st: _int(values[st]) for st in JOB_STATUSES},
-                        retried=_int(values["retried"]),
+                        counts={st: as_int(values[st]) for st in JOB_STATUSES},
+                        retried=as_int(values["retried"]),
                     )
                 )
-        done = {_s(k): _int(v) for k, v in raw_totals.items()} if isinstance(raw_totals, dict) else {}
+        done = {text(k): as_int(v) for k, v in raw_totals.items()} if isinstance(raw_totals, dict) else {}
         totals = {name: done.get(name, 0) for name in TOTAL_FIELDS}
         for st in stages:
             if st.group_status in LIVE_GROUP:  # an ended group is in the totals already
@@ -278,7 +270,7 @@ class Metrics:
                     totals[name] += st.retried if name == "retried" else st.counts[name]
         names = sorted({*self.queues, *(st.queue for st in stages if st.queue)})
         queues = await self._read_queues(names, now_ms)
-        stats = {_s(k): _int(v) for k, v in raw_stats.items()}
+        stats = {text(k): as_int(v) for k, v in raw_stats.items()}
         live = set(groups)
         for key in [k for k in self._queue_of if k[0] not in live]:
             del self._queue_of[key]
@@ -296,7 +288,7 @@ class Metrics:
             counts = await pipe.execute(raise_on_error=False)
         out: dict[str, QueueRow] = {}
         for i, (name, stats) in enumerate(found.items()):
-            waited = tuple(_int(x) for x in counts[i * len(WAIT_BUCKETS) : (i + 1) * len(WAIT_BUCKETS)])
+            waited = tuple(as_int(x) for x in counts[i * len(WAIT_BUCKETS) : (i + 1) * len(WAIT_BUCKETS)])
             out[name] = QueueRow(stats.jobs, stats.due, stats.earliest_ms, waited, name in alive)
         return out
 

@@ -34,6 +34,7 @@ from typing import Any
 from arq.constants import default_queue_name, health_check_key_suffix
 
 from astages._keys import Keys
+from astages._scripts import text
 from astages.models import decode_spec
 
 __all__ = [
@@ -68,11 +69,8 @@ _HEALTH = re.compile(r"^(?P<at>[A-Z][a-z]{2}-\d{2} \d{2}:\d{2}:\d{2}) (?P<rest>.
 _FIELD = re.compile(r"(\w+)=(-?\d+)")
 
 
-def _s(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-def _int(raw: Any) -> int:
+def as_int(raw: Any) -> int:
+    """A counter as read from Redis (missing or not a number: 0)."""
     try:
         return int(raw)
     except (TypeError, ValueError):
@@ -153,9 +151,9 @@ async def read_queues(redis: Any, names: Iterable[str], now_ms: int | None = Non
         out.append(
             QueueStats(
                 name=q,
-                jobs=_int(jobs),
-                due=_int(due),
-                deferred=_int(jobs) - _int(due),
+                jobs=as_int(jobs),
+                due=as_int(due),
+                deferred=as_int(jobs) - as_int(due),
                 earliest_ms=int(float(first[0][1])) if first else None,
                 now_ms=now_ms,
             )
@@ -236,9 +234,9 @@ async def read_workers(
         raw, ttl = replies[2 * i], replies[2 * i + 1]
         if raw is None or isinstance(raw, Exception):
             continue
-        report = _s(raw)
+        report = text(raw)
         reported, counts, age = parse_health(report, now)
-        left = _int(ttl) if not isinstance(ttl, Exception) else -1
+        left = as_int(ttl) if not isinstance(ttl, Exception) else -1
         out.append(WorkerHealth(queue, key, report, counts, reported, age, left / 1000 if left >= 0 else None))
     return out
 
@@ -247,7 +245,7 @@ async def stage_queues(redis: Any, keys: Keys, limit: int = QUEUE_LOOKUP_GROUPS)
     """The arq queues the running stages of the ``limit`` newest live groups send to: one
     job spec of each running stage (any one job's queue; a stage can mix queues, its
     others are missed). Three pipelined round trips."""
-    ids = [_s(i) for i in await redis.zrevrange(keys.index, 0, limit - 1)]
+    ids = [text(i) for i in await redis.zrevrange(keys.index, 0, limit - 1)]
     if not ids:
         return set()
     async with redis.pipeline(transaction=False) as pipe:
@@ -259,7 +257,7 @@ async def stage_queues(redis: Any, keys: Keys, limit: int = QUEUE_LOOKUP_GROUPS)
     for i, gid in enumerate(ids):
         status, numbers = replies[2 * i], replies[2 * i + 1]
         if status == b"running" and not isinstance(numbers, Exception):
-            stages += [(gid, _int(n)) for n in numbers]
+            stages += [(gid, as_int(n)) for n in numbers]
     if not stages:
         return set()
     async with redis.pipeline(transaction=False) as pipe:
@@ -290,7 +288,7 @@ async def stage_queues(redis: Any, keys: Keys, limit: int = QUEUE_LOOKUP_GROUPS)
 async def read_totals(redis: Any, keys: Keys) -> dict[str, int]:
     """``<prefix>:totals``: the jobs of every group that ended or was deleted (O(1))."""
     raw = await redis.hgetall(keys.totals)
-    got = {_s(k): _int(v) for k, v in raw.items()}
+    got = {text(k): as_int(v) for k, v in raw.items()}
     return {name: got.get(name, 0) for name in TOTAL_FIELDS}
 
 
@@ -299,13 +297,13 @@ async def cumulative(redis: Any, keys: Keys) -> dict[str, int]:
     stage counters of the live ones (a kept, ended group is in the totals already and
     skipped). O(groups + stages) in two round trips, the second one MULTI: a group that
     ends between them is in the totals or in its counters, never both."""
-    ids = [_s(i) for i in await redis.zrange(keys.index, 0, -1)]
+    ids = [text(i) for i in await redis.zrange(keys.index, 0, -1)]
     async with redis.pipeline(transaction=False) as pipe:
         for gid in ids:
             pipe.zrange(keys.stages(gid), 0, -1)
         numbers = await pipe.execute(raise_on_error=False)
     stages = [
-        (gid, [_int(n) for n in ns]) for gid, ns in zip(ids, numbers, strict=True) if not isinstance(ns, Exception)
+        (gid, [as_int(n) for n in ns]) for gid, ns in zip(ids, numbers, strict=True) if not isinstance(ns, Exception)
     ]
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hgetall(keys.totals)
@@ -318,8 +316,8 @@ async def cumulative(redis: Any, keys: Keys) -> dict[str, int]:
     out = dict.fromkeys(TOTAL_FIELDS, 0)
     if isinstance(raw_totals, dict):
         for k, v in raw_totals.items():
-            if _s(k) in out:
-                out[_s(k)] += _int(v)
+            if text(k) in out:
+                out[text(k)] += as_int(v)
     for _, ns in stages:
         status = next(replies)
         rows = [next(replies) for _ in ns]
@@ -329,7 +327,7 @@ async def cumulative(redis: Any, keys: Keys) -> dict[str, int]:
             if isinstance(row, Exception):
                 continue
             for name, value in zip(TOTAL_FIELDS, row, strict=True):
-                out[name] += _int(value)
+                out[name] += as_int(value)
     return out
 
 
@@ -367,10 +365,10 @@ async def read_series(redis: Any, keys: Keys, count: int = SERIES_CAP, since_ms:
     raw = await redis.xrevrange(keys.series, max="+", min=low, count=count)
     out = []
     for entry_id, fields in reversed(raw):
-        values = {_s(k): _int(v) for k, v in fields.items()}
+        values = {text(k): as_int(v) for k, v in fields.items()}
         out.append(
             Sample(
-                at_ms=_int(_s(entry_id).split("-")[0]),
+                at_ms=as_int(text(entry_id).split("-")[0]),
                 successful=values.get("successful", 0),
                 failed=values.get("failed", 0),
                 cancelled=values.get("cancelled", 0),

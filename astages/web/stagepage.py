@@ -19,12 +19,16 @@ from typing import Any
 
 from astages._keys import JobRef
 from astages._scripts import Store, text
+from astages.exceptions import CorruptRecord
 from astages.group import StagedGroup
 from astages.job import StagedJob
 from astages.models import CODES, GroupStatus, JobStatus, StageInfo, StageProgress, StageStatus
 from astages.stage import StagedGroupStage
 from astages.web._shared import ORDERS, iso, jsonable, pick, progress_json, short_repr, to_int
 from astages.web.groups import StageView, times_json
+
+# How a job whose stored spec cannot be read is listed.
+UNREADABLE = "(unreadable spec)"
 
 JOB_PAGE_SIZE = 50
 WINDOW = 1_000
@@ -211,6 +215,23 @@ async def _rows(stage: StagedGroupStage, indexed: list[tuple[int, StagedJob]]) -
     return rows
 
 
+def _handle(store: Store, ref: JobRef, spec: bytes) -> StagedJob:
+    """A job's handle for a listing; a job whose stored spec cannot be read is listed
+    under that name instead of hiding the whole page (its own page says why)."""
+    try:
+        return StagedJob.from_spec(store, ref, spec)
+    except CorruptRecord:
+        return StagedJob(store, ref, UNREADABLE, (), {})
+
+
+async def _page(store: Store, stage: StagedGroupStage, offset: int, limit: int) -> list[tuple[int, StagedJob]]:
+    """(list index, handle) of a page of the stage's jobs in enqueue order; a job with an
+    unreadable spec is listed too (see _handle), one deleted meanwhile is left out."""
+    group_id, number = stage.group.id, stage.number
+    seqs = await store.redis.lrange(store.keys.stage_part(group_id, number, "jobs"), offset, offset + limit - 1)
+    return await _jobs_at(store, stage, list(enumerate(seqs, start=offset)))
+
+
 async def _jobs_at(
     store: Store, stage: StagedGroupStage, picks: list[tuple[int, bytes]]
 ) -> list[tuple[int, StagedJob]]:
@@ -222,7 +243,7 @@ async def _jobs_at(
     out = []
     for (index, seq), spec in zip(picks, specs, strict=True):
         if spec is not None:
-            out.append((index, StagedJob.from_spec(store, JobRef(group_id, number, int(seq)), spec)))
+            out.append((index, _handle(store, JobRef(group_id, number, int(seq)), spec)))
     return out
 
 
@@ -415,11 +436,9 @@ async def stage_page(
         if query.order == "desc":
             high = num_jobs - 1 - offset
             low = max(0, high - page_size + 1)
-            jobs = await stage.jobs(low, high - low + 1) if high >= 0 else []
-            indexed = list(zip(range(low, low + len(jobs)), jobs, strict=True))[::-1]
+            indexed = (await _page(store, stage, low, high - low + 1) if high >= 0 else [])[::-1]
         else:
-            jobs = await stage.jobs(offset, page_size)
-            indexed = list(zip(range(offset, offset + len(jobs)), jobs, strict=True))
+            indexed = await _page(store, stage, offset, page_size)
         rows = await _rows(stage, indexed)
         return make(rows=tuple(rows), matches=num_jobs, page=page, pages=pages)
 
@@ -430,8 +449,8 @@ async def stage_page(
     windows = max(1, math.ceil(num_jobs / WINDOW))
     window = min(query.window, windows - 1)
     start = window * WINDOW
-    jobs = await stage.jobs(start, WINDOW)
-    every = await _rows(stage, list(zip(range(start, start + len(jobs)), jobs, strict=True)))
+    in_window = await _page(store, stage, start, WINDOW)
+    every = await _rows(stage, in_window)
     if query.status:
         every = [row for row in every if row.status == query.status]
     if query.sort == "function":
@@ -448,7 +467,7 @@ async def stage_page(
     window_notes: tuple[str, ...] = ()
     if windows > 1:
         window_notes = (
-            f"Sorted within jobs #{start + 1:,} to #{start + len(jobs):,} of {num_jobs:,} "
+            f"Sorted within jobs #{start + 1:,} to #{start + len(in_window):,} of {num_jobs:,} "
             f"(a window of {WINDOW:,} in enqueue order); pick another window below.",
         )
     return make(
@@ -458,6 +477,6 @@ async def stage_page(
         pages=pages,
         windows=windows,
         window_start=start,
-        window_end=start + len(jobs),
+        window_end=start + len(in_window),
         notes=window_notes,
     )

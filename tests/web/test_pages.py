@@ -222,3 +222,23 @@ async def test_static_files_and_live_url(fake_client: httpx.AsyncClient, fake_re
     assert "data-live-url" not in pending.text
     for name in ("astages.css", "astages.js"):
         assert (await fake_client.get(f"/static/{name}")).status_code == 200
+
+
+async def test_a_job_with_an_unreadable_spec_does_not_hide_its_stage(
+    client: httpx.AsyncClient, redis: ArqRedis
+) -> None:
+    """A stage holding a job whose stored spec cannot be read (planted, or another
+    version's) still lists its jobs, that one as unreadable, in every view (the page
+    answered 404 for the whole stage); the job's own page says it is not readable."""
+    group = await astages.StagedGroup.create(redis, "planted")
+    jobs = await group.stage(1).enqueue_many([(work, (i, "photo")) for i in range(3)])
+    assert jobs[1].ref is not None
+    await redis.hset(group.store.keys.stage_part(group.id, 1, "spec"), str(jobs[1].ref.seq), b"garbage")
+    base = f"/groups/{group.id}/stages/1"
+    for query in ("", "?order=desc", "?sort=function"):
+        page = await client.get(base + query)
+        assert page.status_code == 200, query
+        assert "(unreadable spec)" in page.text and page.text.count(">work<") == 2, query
+    data = (await client.get("/api" + base)).json()
+    assert [j["function"] for j in data["jobs"]] == ["work", "(unreadable spec)", "work"]
+    assert (await client.get(f"{base}/jobs/{jobs[1].ref.seq}")).status_code == 404

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 
 import pytest
@@ -329,7 +330,12 @@ async def test_show_watch_and_dashboard_show_what_holds_a_stage(real_redis, redi
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
         stage_page = (await client.get(f"/groups/{group.id}/stages/1")).text
         group_page = (await client.get(f"/groups/{group.id}")).text
-    assert "4 in flight · 26 waiting to be sent" in stage_page and "held by" in stage_page
+        live = (await client.get(f"/api/groups/{group.id}/stages/1")).json()  # what the page polls
+    flow = re.sub(r"<[^>]+>", "", stage_page)  # the figures are live spans
+    assert "4 in flight · 26 waiting to be sent" in flow and "held by" in flow
+    assert 'data-live="progress.in_flight"' in stage_page and 'data-live="held"' in stage_page
+    assert (live["progress"]["in_flight"], live["progress"]["waiting"]) == (4, 26)
+    assert live["held"].startswith("· held by ")
     assert "held by" in group_page
 
 

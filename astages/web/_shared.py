@@ -63,7 +63,14 @@ def progress_json(progress: StageProgress) -> dict[str, Any]:
     out: dict[str, Any] = progress.as_dict()
     out["finished"] = progress.finished
     out["percent"] = percent(progress)
+    out["in_flight"] = progress.in_flight
+    out["waiting"] = progress.waiting
     return out
+
+
+def held_label(held: str | None) -> str:
+    """What holds a running stage's waiting jobs back, as the stage page's Flow row ends."""
+    return f"· held by {held.replace('_', ' ')}" if held else ""
 
 
 def percent(progress: StageProgress) -> int:

@@ -24,7 +24,7 @@ from astages.group import StagedGroup
 from astages.job import StagedJob
 from astages.models import CODES, GroupStatus, JobStatus, StageInfo, StageProgress, StageStatus
 from astages.stage import StagedGroupStage
-from astages.web._shared import ORDERS, iso, jsonable, pick, progress_json, short_repr, to_int
+from astages.web._shared import ORDERS, held_label, iso, jsonable, pick, progress_json, short_repr, to_int
 from astages.web.groups import StageView, times_json
 
 # How a job whose stored spec cannot be read is listed.
@@ -169,6 +169,7 @@ class StagePage(StageView):
             "status": self.status.value,
             "num_jobs": self.num_jobs,
             "progress": progress_json(self.progress),
+            "held": held_label(self.info.held),
             **times_json(self.info),
             "live": self.live,
             "query": {

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from astages.models import StageProgress
-from astages.web._shared import seconds
+from astages.web._shared import held_label, seconds
 from astages.web.grouppage import stage_duration
 from astages.web.groups import GROUP_SEARCH_LIMIT, GROUP_SORT_LIMIT
 from astages.web.opspage import CHART_HEIGHT, CHART_WIDTH, rate_label
@@ -141,6 +141,7 @@ def environment() -> jinja2.Environment:
     env.filters["span"] = span
     env.filters["rate"] = rate_label
     env.globals["segments"] = segments
+    env.globals["held_label"] = held_label
     env.globals["stage_span"] = stage_duration
     env.globals["limit"] = GROUP_SORT_LIMIT
     env.globals["search_limit"] = GROUP_SEARCH_LIMIT

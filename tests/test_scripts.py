@@ -54,6 +54,50 @@ async def test_start_and_finish(redis):
     assert not await group.exists()
 
 
+async def finish_batch(reports: list[tuple[astages.StagedJob, int, str, str]]) -> list[str]:
+    """One finish_jobs call reporting each (job, try, outcome, error), in order."""
+    flat = [a for job, try_, o, e in reports for a in (job.ref.stage, job.ref.seq, try_, o, e)]
+    ref = reports[0][0].ref
+    assert ref is not None
+    replies = await reports[0][0].stage().group.store.run("finish_jobs", ref.group_id, len(reports), *flat)
+    return [r[0].decode() for r in replies]
+
+
+@pytest.mark.parametrize("window", [None, 2])
+async def test_one_call_of_reports_counts_and_moves_on_as_single_reports(redis, window):
+    """Reports sharing one finish_jobs call (their reads and counter moves shared) count each
+    job once, refill a window, and the call's last report ends the stage and starts the next."""
+    async with astages.within_a_grouping(redis, "batch", window=window) as group:
+        first = await (await group.stage(1)).enqueue_many([(work, (i,)) for i in range(6)])
+        second = await (await group.stage(2)).enqueue_many([(work, (i,)) for i in range(2)])
+    stage = first[0].stage()
+    assert await start(first[0]) == "run"
+    assert await finish(first[0], "e") == "retry"
+    assert await start(first[0], 2) == "run"  # in flight until the last call
+    done = 0
+    while done < 5:
+        sent = [j for j in first[1:] if await j.status() is JobStatus.QUEUED]
+        assert sent and len(sent) <= (window or 6) - 1
+        sent = sent[:3]  # more than one call: a call's trailing reports share its reads
+        for job in sent:
+            assert await start(job) == "run"
+        reports = [(job, 1, "s", "") for job in sent]
+        last = done + len(sent) == 5
+        if last:
+            reports.append((first[0], 2, "f", "ValueError: last"))
+        outcomes = await finish_batch(reports)
+        done += len(sent)
+        assert outcomes[:-1] == ["open"] * (len(reports) - 1)
+        assert outcomes[-1] == ("running" if last else "open")
+        progress = await stage.progress()
+        assert (progress.successful, progress.running) == (done, 0 if last else 1)
+        assert progress.queued == (0 if last else min((window or 6) - 1, 5 - done))
+    progress = await stage.progress()
+    assert (progress.successful, progress.failed, progress.retried, progress.open) == (5, 1, 1, 0)
+    assert await stage.status() is StageStatus.COMPLETE
+    assert [await j.status() for j in second] == [JobStatus.QUEUED] * 2
+
+
 async def test_duplicate_and_stale_reports_change_nothing(redis):
     """A second report of a final job, or a report older than the latest try, is ignored."""
     _group, (jobs, later) = await running_group(redis, (2, 1))

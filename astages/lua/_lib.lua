@@ -132,6 +132,40 @@ local function follow_ttl(...)
   end
 end
 
+-- What after_job_left read of a stage for the reports of one call (a batch's reports of
+-- one stage share it), by stage hash: its status, that nothing waits behind its cursor
+-- (drained) and how many of its jobs are open. finish_one keeps the count as it removes
+-- jobs from :open; whatever else changes a stage (its status, :open, its cursor) forgets
+-- it all (forget()), as does a transition that moved the group on (batch_step).
+local memo_status, memo_drained, memo_open = {}, {}, {}
+local function forget()
+  memo_status, memo_drained, memo_open = {}, {}, {}
+end
+
+-- Counter moves of the starts and reports of one call, written once per stage and counter
+-- (flush_counts: every script that starts or reports jobs calls it last, and a report
+-- calls it before anything that reads a counter: see finish_one and after_job_left).
+local later = {}
+local function count_later(sk, from, to)
+  local c = later[sk]
+  if not c then
+    c = {}
+    later[sk] = c
+  end
+  local f, t = COUNTER[string.sub(from, 1, 1)], COUNTER[string.sub(to, 1, 1)]
+  c[f] = (c[f] or 0) - 1
+  c[t] = (c[t] or 0) + 1
+end
+
+local function flush_counts()
+  for sk, c in pairs(later) do
+    for field, d in pairs(c) do
+      if d ~= 0 then redis.call('HINCRBY', sk, field, d) end
+    end
+  end
+  later = {}
+end
+
 local events_cap = nil
 -- Caps on a group's own numbers as scripts use them (a stored value past them, planted or
 -- from another version, is taken as the cap: Redis refuses some of them outright).
@@ -333,6 +367,7 @@ end
 -- and applies the failure policy (see sent_failed).
 local function fail_unsendable(sk, n, seq, why, now)
   local reason = 'not sent to arq: ' .. why .. '; failed by astages'
+  forget()
   redis.call('HDEL', sk .. ':open', seq)
   redis.call('HSET', sk .. ':done', seq, 'f0')
   redis.call('HSET', sk .. ':err', seq, reason)
@@ -434,7 +469,7 @@ local function top_up(n, now, budget, g_room)
   local was_held = h[8] or ''
   if cursor >= total then
     if was_held ~= '' then redis.call('HSET', sk, 'held', '') end
-    return 0, budget, 0, g_room
+    return 0, budget, 0, g_room, true
   end
   local gf = group_flow()
   local in_flight = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
@@ -517,10 +552,11 @@ local function top_up(n, now, budget, g_room)
     left = math.min(room - sent, total - cursor)
   end
   if g_room then g_room = g_room - sent end
-  return left, budget, failed, g_room
+  return left, budget, failed, g_room, cursor >= total
 end
 
 local function complete_stage(n, now)
+  forget()
   redis.call('HSET', stage_key(n), 'status', 'complete', 'finished', now)
   event({'stage', n, 'to', 'complete'})
   fire('stage.' .. n, 'running', now, n)
@@ -530,6 +566,7 @@ end
 -- are asked to abort (arq honours it when the worker has allow_abort_jobs).
 local function cancel_stage_jobs(n, now)
   local sk = stage_key(n)
+  forget()
   local open = redis.call('HGETALL', sk .. ':open')
   local cancelled = 0
   for i = 1, #open, 2 do
@@ -687,6 +724,7 @@ local function advance(now)
         return {'finished', '', 0}
       end
       local sk = stage_key(first_pending)
+      forget()
       redis.call('HSET', sk, 'status', 'running', 'started', now)
       event({'stage', first_pending, 'to', 'running', 'jobs', redis.call('HLEN', sk .. ':open')})
       local left, failed
@@ -707,8 +745,8 @@ end
 local function refill(n, now)
   local gf = group_flow()
   if not gf.cap and not gf.iv then
-    local left, _, failed = top_up(n, now, SEND_LIMIT, nil)
-    return left, sent_failed(n, failed)
+    local left, _, failed, _, drained = top_up(n, now, SEND_LIMIT, nil)
+    return left, sent_failed(n, failed), drained
   end
   local g_room, budget, left = group_room(), SEND_LIMIT, 0
   for _, m in ipairs(redis.call('ZRANGE', G .. ':stages', 0, -1)) do
@@ -725,12 +763,25 @@ end
 -- After a job of stage n left :open, or left flight (a report, a cancel, a delete):
 -- top the window up; complete the stage when it was the last open job of a running
 -- stage, then move the group on.
+-- The reports of a batch share its reads of the stage (see memo_status): once a stage had
+-- nothing waiting behind its cursor and the group has no cap or rate (whose room every
+-- report changes), a report that leaves other jobs of it open costs no read at all.
 local function after_job_left(n, now)
   local sk = stage_key(n)
-  if redis.call('HGET', sk, 'status') ~= 'running' then return {'open', n, 0} end
-  local left, breached = refill(n, now)
+  if memo_status[sk] == nil then memo_status[sk] = redis.call('HGET', sk, 'status') or false end
+  if memo_status[sk] ~= 'running' then return {'open', n, 0} end
+  local gf = group_flow()
+  if memo_drained[sk] and memo_open[sk] and memo_open[sk] > 0 and not gf.cap and not gf.iv then
+    return {'open', n, 0}
+  end
+  flush_counts()  -- top_up and the failure policy read the counters
+  local left, breached, drained = refill(n, now)
   if breached then return stop_group(now, 'failed') end
-  if redis.call('HLEN', sk .. ':open') > 0 then return {'open', n, left} end
+  local open = redis.call('HLEN', sk .. ':open')
+  if open > 0 then
+    memo_drained[sk], memo_open[sk] = drained, open
+    return {'open', n, left}
+  end
   complete_stage(n, now)
   if redis.call('HGET', G, 'status') ~= 'running' then return {'complete', n, 0} end
   return advance(now)
@@ -749,29 +800,6 @@ local call_now = nil
 local function script_now()
   if call_now == nil then call_now = now_ms() end
   return call_now
-end
-
--- Counter moves of the starts of one call, written once per stage and counter at its end
--- (flush_counts: start_job, start_jobs and claim_jobs call it last; starts read no counter).
-local later = {}
-local function count_later(sk, from, to)
-  local c = later[sk]
-  if not c then
-    c = {}
-    later[sk] = c
-  end
-  local f, t = COUNTER[string.sub(from, 1, 1)], COUNTER[string.sub(to, 1, 1)]
-  c[f] = (c[f] or 0) - 1
-  c[t] = (c[t] or 0) + 1
-end
-
-local function flush_counts()
-  for sk, c in pairs(later) do
-    for field, d in pairs(c) do
-      if d ~= 0 then redis.call('HINCRBY', sk, field, d) end
-    end
-  end
-  later = {}
 end
 
 -- A worker picked up try `try` of job seq of stage n (start_job.lua, start_jobs.lua,
@@ -820,11 +848,13 @@ local function finish_one(n, seq, try, outcome, err)
     return {'retry', n, 0}
   end
   redis.call('HDEL', sk .. ':open', seq)
+  if memo_open[sk] then memo_open[sk] = memo_open[sk] - 1 end
   local code = outcome .. try
   redis.call('HSET', sk .. ':done', seq, code)
-  count(sk, cur, code)
+  count_later(sk, cur, code)
   local now = script_now()
   if outcome == 'f' then
+    flush_counts()  -- the failure callbacks' summary and the failure policy read them
     redis.call('HSET', sk .. ':err', seq, err)
   end
   follow_ttl(sk .. ':done', sk .. ':err')  -- after the writes: PEXPIRE of a missing key does nothing
@@ -849,6 +879,7 @@ local function batch_step(reply)
     group_pttl = nil
     events_cap = nil
     group_exists = nil
+    forget()
     return true
   end
   return false

@@ -42,4 +42,5 @@ for i = 1, tonumber(ARGV[7]) do
   end
   out[i] = reply
 end
+flush_counts()
 return out

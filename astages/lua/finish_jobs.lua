@@ -8,4 +8,5 @@ for i = 1, tonumber(ARGV[6]) do
   batch_step(reply)
   out[i] = reply
 end
+flush_counts()
 return out

@@ -68,18 +68,7 @@ class CleanupReport:
     @property
     def repaired(self) -> int:
         """How many repairs were made in all."""
-        return sum(
-            len(getattr(self, name))
-            for name in (
-                "groups_recreated",
-                "groups_reindexed",
-                "index_dropped",
-                "stages_recreated",
-                "stages_relinked",
-                "stages_dropped",
-                "jobs_relinked",
-            )
-        )
+        return sum(len(getattr(self, name)) for name in REPAIRS)
 
 
 # repair_group.lua's kinds -> CleanupReport fields
@@ -92,6 +81,8 @@ _KINDS = {
     "stage_dropped": "stages_dropped",
     "job_relinked": "jobs_relinked",
 }
+# The CleanupReport fields that list repairs (every field but errors).
+REPAIRS = tuple(_KINDS.values())
 
 
 class Cleaner:

@@ -72,6 +72,7 @@ from model import STATUS, GroupM, JobM, Model
 import astages
 from astages import Cleaner, StagedGroup, Sweeper
 from astages._keys import Keys
+from astages.cleaner import REPAIRS
 from astages.exceptions import AstagesError
 from astages.models import FailurePolicy, StageProgress
 from astages.stage import StagedGroupStage
@@ -485,15 +486,7 @@ class StagesMachine(RuleBasedStateMachine):
         report = self.run(Cleaner.cleanup_jobs(self.redis))
         expired = {g.gid for g in self.model.groups if g.expired}
         allowed = {"index_dropped"}
-        for name in (
-            "groups_recreated",
-            "groups_reindexed",
-            "index_dropped",
-            "stages_recreated",
-            "stages_relinked",
-            "stages_dropped",
-            "jobs_relinked",
-        ):
+        for name in REPAIRS:
             items = set(getattr(report, name))
             if name in allowed:
                 items -= expired

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import arq.worker
@@ -107,6 +108,19 @@ async def run_arq(redis: ArqRedis, **options: Any) -> None:
             await worker.close()
         if not await redis.zcard(default_queue_name):
             return
+
+
+@contextlib.asynccontextmanager
+async def running(worker: arq.worker.Worker) -> AsyncIterator[None]:
+    """``worker`` running in the background for the block; stopped and closed after it."""
+    task = asyncio.ensure_future(worker.main())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
 
 
 async def test_coalesced_calls_keep_each_jobs_transition(redis: ArqRedis, scripts: list[str]) -> None:
@@ -214,14 +228,8 @@ async def test_astages_worker_takes_the_next_stage_at_once(real_redis: ArqRedis)
         for n in (1, 2, 3):
             await (await group.stage(n)).enqueue_many([(step, (f"{n}-{i}",)) for i in range(3)])
     worker = HardenedWorker(**settings(), redis_pool=real_redis, poll_delay=3.0)
-    task = asyncio.ensure_future(worker.main())
-    try:
+    async with running(worker):
         await wait_for(lambda: _gone(group), within=2.5, what="all three stages in less than one poll_delay")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
     assert len(RAN) == 9
 
 
@@ -243,14 +251,8 @@ async def test_arq_worker_window_does_not_delay_a_stage(real_redis: ArqRedis, mo
         for n in (1, 2, 3):
             await (await group.stage(n)).enqueue(step, f"{n}")
     worker = arq.worker.Worker(**settings(), redis_pool=real_redis, poll_delay=0.01, max_jobs=20)
-    task = asyncio.ensure_future(worker.main())
-    try:
+    async with running(worker):
         await wait_for(lambda: _gone(group), within=1.5, what="three one-job stages within one window")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
     assert sorted(RAN) == [("1", 1), ("2", 1), ("3", 1)]
 
 
@@ -260,15 +262,9 @@ async def test_astages_worker_leaves_a_job_another_worker_marked(real_redis: Arq
         busy, _free = await (await group.stage(1)).enqueue_many([(step, ("busy",)), (step, ("free",))])
     await real_redis.set(f"arq:in-progress:{busy.id}", b"another worker", px=10_000)
     worker = HardenedWorker(**settings(), redis_pool=real_redis, poll_delay=0.01)
-    task = asyncio.ensure_future(worker.main())
-    try:
+    async with running(worker):
         await wait_for(lambda: _ran("free"), what="the free job to run")  # both were due in the same poll
         await wait_for(lambda: _successful(group, 1), what="the free job's end")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
     assert RAN == [("free", 1)]
     assert await real_redis.get(f"arq:in-progress:{busy.id}") == b"another worker"
     assert await real_redis.zscore(default_queue_name, busy.id or "") is not None
@@ -288,16 +284,10 @@ async def test_astages_worker_clears_the_abort_request_of_a_job_it_ends(real_red
     async with astages.within_a_grouping(real_redis, "abort") as group:
         (job,) = await (await group.stage(1)).enqueue_many([(gated, ("gated",))])
     worker = HardenedWorker(**settings(), redis_pool=real_redis, poll_delay=0.01)
-    task = asyncio.ensure_future(worker.main())
-    try:
+    async with running(worker):
         await asyncio.wait_for(GATE["started"].wait(), 10)
         await real_redis.zadd("arq:abort", {job.id or "": 1})  # asked while it runs (the worker does not abort)
         GATE["open"].set()
         await wait_for(lambda: _gone(group), what="the group to finish")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
     assert RAN == [("gated", 1)]
     assert await real_redis.zscore("arq:abort", job.id or "") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_PREFIX = "astages"
 
@@ -26,9 +27,9 @@ _JOB_TAIL = re.compile(_GROUP + rf":(?P<stage>{_INT}):(?P<seq>[0-9]{{{SEQ_WIDTH}
 _CALLBACK_TAIL = re.compile(_GROUP + rf":cb:(?P<event>complete|success|failure|stage\.{_INT}):(?P<k>[1-9][0-9]*)")
 
 
-@dataclass(frozen=True, slots=True)
-class JobRef:
-    """Where a staged job lives, parsed from its arq job id."""
+class JobRef(NamedTuple):
+    """Where a staged job lives, parsed from its arq job id (a named tuple: one is made
+    per job a worker runs)."""
 
     group_id: str
     stage: int
@@ -124,10 +125,11 @@ class Keys:
     def parse_job_id(self, job_id: str) -> JobRef | None:
         """The record a staged job id points at (``<prefix>:<group>:<stage>:<seq>``,
         exactly as ``job_id`` makes it), or None for any other job id."""
-        head = f"{self.prefix}:"
-        if not job_id.startswith(head):
+        head = len(self.prefix) + 1
+        if job_id[head - 1 : head] != ":" or not job_id.startswith(self.prefix):
             return None
-        m = _JOB_TAIL.fullmatch(job_id, len(head))
+        m = _JOB_TAIL.fullmatch(job_id, head)
         if m is None:
             return None
-        return JobRef(m["group"], int(m["stage"]), int(m["seq"]))
+        group, stage, seq = m.groups()
+        return JobRef(group, int(stage), int(seq))

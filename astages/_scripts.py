@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from arq.connections import ArqRedis
 from arq.constants import expires_extra_ms as ARQ_EXPIRES_EXTRA_MS
@@ -104,14 +103,16 @@ def text(value: Any) -> str:
     return str(value)
 
 
-@dataclass(frozen=True, slots=True)
-class Motion:
+class Motion(NamedTuple):
     """What a transition did to its group: ``outcome`` names it (see finish_job.lua),
-    ``stage`` is the stage concerned, ``unsent`` the jobs still waiting for a chunk."""
+    ``stage`` is the stage concerned, ``unsent`` the jobs still waiting for a chunk, and
+    ``open`` (a report's 'open' of a running stage) how many of that stage's jobs are
+    open (-1: not told). A named tuple: a worker makes one per report."""
 
     outcome: str
     stage: str
     unsent: int
+    open: int = -1
 
     @property
     def finished(self) -> bool:
@@ -119,6 +120,8 @@ class Motion:
 
     @classmethod
     def of(cls, reply: Any) -> Motion:
+        if len(reply) > 3:
+            return cls(text(reply[0]), text(reply[1]), reply[2], reply[3])
         outcome, stage, unsent = reply
         return cls(text(outcome), text(stage), int(unsent))
 

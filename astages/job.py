@@ -201,6 +201,9 @@ def retry_refusal(code: str) -> str:
     return _NOT_RETRYABLE.get(code, code)
 
 
+_NOW = Schedule()  # the default schedule (frozen: one for every handle)
+
+
 class StagedJob:
     """A staged job's handle. Identity and arguments are fixed; status and message are
     read from Redis by the async accessors, so they are always current.
@@ -228,7 +231,7 @@ class StagedJob:
         self.kwargs = dict(kwargs)
         self.queue_name = queue_name
         self.queue_time = queue_time
-        self.schedule = schedule or Schedule()
+        self.schedule = schedule or _NOW
 
     def __repr__(self) -> str:
         return f"<StagedJob {self.id or '(not staged)'} {self.function}>"

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import logging
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,8 @@ CTX_SWEEPER = "astages_sweeper"
 CTX_REDIS = "astages_redis"
 # worker ctx key of the Coalescer that shares script calls between jobs
 CTX_COALESCE = "astages_coalesce"
+# worker ctx key of the Store on astages' own client that the worker's jobs share
+CTX_STORE = "astages_store"
 # worker ctx key of a callable that makes the worker poll at once (astages worker only)
 CTX_WAKE = "astages_wake"
 # job ctx keys of the lean path (astages worker): the verdict its claim script gave,
@@ -78,6 +80,7 @@ CTX_LEAN = "astages_lean"
 RUNTIME_ATTR = "_astages_runtime"
 
 ARQ_DEFAULT_MAX_TRIES = 5
+ARQ_DEFAULT_MAX_JOBS = 10
 ERROR_LIMIT = 4_000
 
 
@@ -104,22 +107,40 @@ class _Runtime:
 
 
 # How long (s) a worker's per-job calls may wait to share a script call: at most one
-# start_jobs/finish_jobs call per group per window (the first call after a quiet window
-# goes at once). arq's Worker takes jobs one at a time, so without a window its jobs'
-# starts and reports hardly ever meet in one event-loop turn.
-COALESCE_WINDOW = 0.010
-# How many groups the Coalescer remembers the last started stage of.
+# finish_jobs (and start_jobs) call per group per window (the first call after a quiet
+# window goes at once, as does a report that may end its stage, and a group's reports
+# once they hold half of the worker's job slots). arq's Worker takes jobs one at a time,
+# so without a window its jobs' reports hardly ever meet in one turn.
+COALESCE_WINDOW = 0.040
+# How many groups (stages) the Coalescer remembers what it heard of.
 STAGES_KEPT = 10_000
+# How long (s) after a reply said its group exists a worker runs a group's first tries
+# without waiting for their marks (see Coalescer.fresh).
+LIVE_FOR = 0.1
 # How long (s) astages worker lets its poll claim a new stage's first chunk before it
 # sends the rest of the stage.
 SEND_ON_DELAY = 0.002
 
 
 class Coalescer:
-    """Per-job script calls of one worker made within one event-loop turn share one script
-    call per group: starts go as one ``start_jobs`` call, reports as one ``finish_jobs``
-    call (each applies start_job.lua's / finish_job.lua's transition per job, in order,
-    and returns each job's own reply). A lone call uses the single-job script.
+    """Per-job script calls of one worker share script calls: within a window
+    (``COALESCE_WINDOW``) a group's reports go as one ``finish_jobs`` call and its checked
+    starts as one ``start_jobs`` call (each applies start_job.lua's / finish_job.lua's
+    transition per job, in order, and returns each job's own reply); a lone call uses the
+    single-job script.
+
+    A first try of a group a reply said exists within ``LIVE_FOR`` runs at once (``fresh``,
+    ``mark``; see ``_start``): its mark as running waits for the window and rides in the
+    group's next ``finish_jobs`` call, or goes in a ``finish_jobs`` call of its own; a run
+    reported before its mark went is not marked, its report says so (an outcome in
+    capitals: its events still show it running first).
+
+    A report goes at once (no window) when it may end its stage: when this worker has not
+    heard how many jobs of the stage are open, or its reports since account for all of
+    them. So one worker's stage never waits for the window at its end; with several
+    workers, a stage's last report waits at most one window. The reports of a group also
+    go at once when they hold ``batch`` job slots (half of the worker's ``max_jobs``), so
+    a small worker's slots are not held by reports waiting for the window.
 
     A caller waits for its own reply; a caller cancelled meanwhile (a timeout) leaves the
     call to go on for the others (its report, if lost to it, is settled by after_job_end:
@@ -128,9 +149,15 @@ class Coalescer:
     on to a new stage or queued a retry, so the worker polls at once."""
 
     def __init__(
-        self, redis: Any, keys: Keys, wake: Callable[[], None] | None = None, window: float | None = None
+        self,
+        redis: Any,
+        keys: Keys,
+        wake: Callable[[], None] | None = None,
+        window: float | None = None,
+        batch: int = ARQ_DEFAULT_MAX_JOBS // 2,
     ) -> None:
         self.window = COALESCE_WINDOW if window is None else window
+        self.batch = max(1, batch)
         self._last = 0.0
         self._flushing: asyncio.Handle | None = None
         self.store = Store(redis, keys)
@@ -138,9 +165,24 @@ class Coalescer:
         self.reports = Store(redis, keys, FIRST_CHUNK)
         self.wake = wake
         self._pending: dict[tuple[str, str], list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
-        self._running: dict[str, int] = {}  # group -> this worker's jobs started, not reported
-        self._stages: dict[str, int] = {}  # group -> the stage of this worker's last start
+        self._marks: dict[str, dict[tuple[int, int], int]] = {}  # group -> (stage, seq) -> try, not sent
+        self._open: dict[tuple[str, int], int] = {}  # (group, stage) -> its open jobs, less reports since
+        self._stages: dict[str, int] = {}  # group -> the stage of this worker's last checked start
+        self._alive: dict[str, float] = {}  # group -> when a reply last said it exists (loop time)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def fresh(self, group_id: str) -> bool:
+        """Whether a reply said within ``LIVE_FOR`` that the group exists."""
+        heard = self._alive.get(group_id)
+        return heard is not None and asyncio.get_running_loop().time() - heard <= LIVE_FOR
+
+    def _hear(self, group_id: str, exists: bool) -> None:
+        if not exists:
+            self._alive.pop(group_id, None)
+            return
+        if group_id not in self._alive and len(self._alive) >= STAGES_KEPT:
+            self._alive.clear()  # bounded: a group forgotten only has its next start checked first
+        self._alive[group_id] = asyncio.get_running_loop().time()
 
     async def start(self, ref: JobRef, job_try: int) -> str:
         """start_job's verdict for try ``job_try`` of ``ref``. The worker's first start of a
@@ -149,49 +191,90 @@ class Coalescer:
         if first and len(self._stages) >= STAGES_KEPT:
             self._stages.clear()  # bounded: a group forgotten only makes its next start go at once
         self._stages[ref.group_id] = ref.stage
-        call = self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=first)
-        verdict = text(await call)
-        if verdict == "run":
-            self._running[ref.group_id] = self._running.get(ref.group_id, 0) + 1
-        return verdict
+        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=first))
 
-    async def finish(self, ref: JobRef, job_try: int, outcome: str, error: str) -> Motion:
-        """finish_job's motion for try ``job_try`` of ``ref``. The report of this worker's
-        last running job of the group goes at once (it may end a stage: no window)."""
-        running = max(0, self._running.pop(ref.group_id, 0) - 1)
-        if running:
-            self._running[ref.group_id] = running
+    def mark(self, ref: JobRef, job_try: int) -> None:
+        """Mark try ``job_try`` of ``ref`` running, without waiting (see the class)."""
+        self._marks.setdefault(ref.group_id, {})[(ref.stage, ref.seq)] = job_try
+        self._schedule(at_once=False)
 
-        call = self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=not running)
-        motion: Motion = await call
-        return motion
+    def finish(self, ref: JobRef, job_try: int, outcome: str, error: str) -> asyncio.Future[Motion]:
+        """finish_job's motion for try ``job_try`` of ``ref`` (a future: no coroutine per
+        report)."""
+        marks = self._marks.get(ref.group_id)
+        if marks and marks.pop((ref.stage, ref.seq), None) is not None:
+            outcome = outcome.upper()  # not marked yet: the report says so (finish_jobs.lua)
+        key = (ref.group_id, ref.stage)
+        left = self._open.get(key)
+        if left is not None and outcome != "e":  # a retry stays open
+            left -= 1
+            self._open[key] = left
+        args = (ref.stage, ref.seq, job_try, outcome, error)
+        at_once = left is None or left <= 0 or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch
+        return self._call("finish", ref.group_id, args, at_once=at_once)
 
     def _call(self, kind: str, group_id: str, args: tuple[Any, ...], at_once: bool = False) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault((kind, group_id), []).append((args, fut))
+        self._schedule(at_once)
+        return fut
+
+    def _schedule(self, at_once: bool) -> None:
+        """A flush after every callback of this turn, and at most one per window (calls
+        made while a window is open wait for its end and go together); ``at_once``: no
+        waiting for the window."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
         if at_once and isinstance(self._flushing, asyncio.TimerHandle):
             self._flushing.cancel()
             self._flushing = None
         if self._flushing is None:
-            # after every callback of this turn, and at most one call per window: calls
-            # made while a window is open wait for its end and go together
             wait = 0.0 if at_once else self._last + self.window - loop.time()
             self._flushing = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
-        self._pending.setdefault((kind, group_id), []).append((args, fut))
-        return fut
 
     def _flush(self) -> None:
         self._flushing = None
-        self._last = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
         pending, self._pending = self._pending, {}
+        marks, self._marks = self._marks, {}
         for (kind, group_id), calls in pending.items():
-            task = asyncio.get_running_loop().create_task(self._send(kind, group_id, calls))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            head: tuple[Any, ...] = ()
+            if kind == "finish":  # the group's marks ride along
+                head = self._flat_marks(marks.pop(group_id, None))
+            self._spawn(self._send(kind, group_id, calls, head))
+        for group_id, group_marks in marks.items():
+            if group_marks:
+                self._spawn(self._send_marks(group_id, self._flat_marks(group_marks)))
 
-    async def _send(self, kind: str, group_id: str, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    @staticmethod
+    def _flat_marks(marks: dict[tuple[int, int], int] | None) -> tuple[Any, ...]:
+        """How many marks, then each as finish_jobs.lua takes it."""
+        if not marks:
+            return (0,)
+        return (len(marks), *(f"{stage}:{seq}:{job_try}" for (stage, seq), job_try in marks.items()))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_marks(self, group_id: str, flat: tuple[Any, ...]) -> None:
+        """Marks with no report to ride in: one finish_jobs call with no report (the
+        runs are under way; their reports settle them)."""
         try:
-            replies = await self._batch(kind, group_id, [args for args, _ in calls])
+            await self.store.run_now("finish_jobs", group_id, *flat, 0)
+        except Exception:
+            logger.warning("could not mark %d job(s) of group %s running", flat[0], group_id, exc_info=True)
+
+    async def _send(
+        self,
+        kind: str,
+        group_id: str,
+        calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+        head: tuple[Any, ...] = (),
+    ) -> None:
+        try:
+            replies = await self._batch(kind, group_id, [args for args, _ in calls], head)
         except BaseException as e:
             for _, fut in calls:
                 if not fut.done():
@@ -203,11 +286,37 @@ class Coalescer:
             if not fut.done():
                 fut.set_result(reply)
 
-    async def _batch(self, kind: str, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
-        """One script call for the ``calls`` of one kind and group: each call's reply."""
+    async def _batch(
+        self, kind: str, group_id: str, calls: list[tuple[Any, ...]], head: tuple[Any, ...] = ()
+    ) -> list[Any]:
+        """One script call for the ``calls`` of one kind and group (after ``head``, the
+        marks that ride in a finish_jobs call): each call's reply."""
         if kind == "start":
             return await self._starts(group_id, calls)
-        return list(await self._finishes(group_id, calls))
+        return list(await self._finishes(group_id, calls, head or (0,)))
+
+    def _heard(self, group_id: str, calls: list[tuple[Any, ...]], motions: list[Motion]) -> None:
+        """What the reports' replies tell of their group and its stages' open jobs (see
+        the class): the last word of each stage counts."""
+        told: dict[int, Motion] = {}
+        for args, motion in zip(calls, motions, strict=True):
+            told[args[0]] = motion
+        ended = False
+        for stage, motion in told.items():
+            key = (group_id, stage)
+            if motion.outcome != "open" or motion.open < 0:
+                if motion.outcome != "dup" and motion.outcome != "stale" and motion.outcome != "retry":
+                    self._open.pop(key, None)  # the stage ended, or is not running
+                ended = ended or motion.outcome == "finished" or (motion.outcome == "gone" and not motion.stage)
+                continue
+            # less the reports of the stage made since this call went
+            waiting = sum(1 for args, _ in self._pending.get(("finish", group_id), ()) if args[0] == stage)
+            if len(self._open) >= STAGES_KEPT:
+                self._open.clear()  # bounded: a stage forgotten only makes its next report go at once
+            self._open[key] = motion.open - waiting
+            if waiting and motion.open <= waiting:
+                self._schedule(at_once=True)  # reports waiting for the window may end the stage
+        self._hear(group_id, not ended)  # ('gone' with no stage: no such group)
 
     async def _send_on(self, group_id: str, motions: list[Motion]) -> None:
         """Send on the stage a report started (in chunks), and wake the worker when a
@@ -242,17 +351,25 @@ class Coalescer:
 
     async def _starts(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
         if len(calls) == 1:
-            return [await self.store.run("start_job", group_id, *calls[0])]
-        flat = [a for args in calls for a in args]
-        return list(await self.store.run_now("start_jobs", group_id, len(calls), *flat))
-
-    async def _finishes(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Motion]:
-        if len(calls) == 1:
-            motions = [await self.reports.move("finish_job", group_id, *calls[0])]
+            verdicts = [await self.store.run("start_job", group_id, *calls[0])]
         else:
-            motions = await self.reports.moves("finish_jobs", group_id, calls)
+            flat = [a for args in calls for a in args]
+            verdicts = list(await self.store.run_now("start_jobs", group_id, len(calls), *flat))
+        self._hear(group_id, any(text(v) != "gone" for v in verdicts))  # all gone: maybe the group
+        return verdicts
+
+    async def _finishes(self, group_id: str, calls: list[tuple[Any, ...]], marks: tuple[Any, ...]) -> list[Motion]:
+        if len(calls) == 1 and marks == (0,):
+            motions = [await self.reports.move("finish_job", group_id, *calls[0])]
+        else:  # one argument per report, and its error after a failure (finish_jobs.lua)
+            packed = [
+                (f"{n}:{seq}:{job_try}:{outcome}", error) if outcome in "fF" else (f"{n}:{seq}:{job_try}:{outcome}",)
+                for n, seq, job_try, outcome, error in calls
+            ]
+            motions = await self.reports.moves("finish_jobs", group_id, packed, *marks)
+        self._heard(group_id, calls, motions)
         if tracing.ACTIVE is not None:  # spans of a stage or group a report ended
-            tracing.ACTIVE.reported(group_id, [(c[0], c[3]) for c in calls], motions)
+            tracing.ACTIVE.reported(group_id, [(c[0], c[3].lower()) for c in calls], motions)
         await self._send_on(group_id, motions)
         return motions
 
@@ -274,9 +391,11 @@ class EndJobs(Coalescer):
         motion: Motion = await self._call("end", group_id, args)
         return motion
 
-    async def _batch(self, kind: str, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+    async def _batch(
+        self, kind: str, group_id: str, calls: list[tuple[Any, ...]], head: tuple[Any, ...] = ()
+    ) -> list[Any]:
         if kind != "end":
-            return await super()._batch(kind, group_id, calls)
+            return await super()._batch(kind, group_id, calls, head)
         motions = await self.arq.moves("end_jobs", group_id, calls, self.queue_name)
         if tracing.ACTIVE is not None:  # spans of a stage or group a report ended
             tracing.ACTIVE.reported(group_id, [(c[1], c[8]) for c in calls], motions)
@@ -285,8 +404,21 @@ class EndJobs(Coalescer):
 
 
 async def _start(ctx: dict[str, Any], store: Store, ref: JobRef, job_try: int) -> str:
+    """Mark a run running: 'run', or why it must not run (see start_one in _lib.lua).
+
+    On arq's Worker (a coalescer in ctx) a first try of a group the worker heard from
+    within ``LIVE_FOR`` runs without waiting: its mark goes with the worker's next call.
+    Neither check it skips can fail for it. A job that ended already is refused only
+    when arq delivers it again, and arq counts every pick-up (a run after a crash is try
+    2 or later). A job gone from astages (deleted, cancelled, its group purged or
+    expired) is refused by arq itself when astages took its record out of arq; the rest
+    (a group purged or expired behind the worker's back) is caught by the group's next
+    reply, as the reply to a check would."""
     coalescer: Coalescer | None = ctx.get(CTX_COALESCE)
     if coalescer is not None:
+        if job_try == 1 and coalescer.fresh(ref.group_id):
+            coalescer.mark(ref, job_try)
+            return "run"
         return await coalescer.start(ref, job_try)
     return text(await store.run("start_job", ref.group_id, ref.stage, ref.seq, job_try))
 
@@ -358,7 +490,7 @@ async def _run_staged(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    store = Store(_own(ctx), runtime.keys)
+    store: Store = ctx.get(CTX_STORE) or Store(_own(ctx), runtime.keys)
     job_try = int(ctx["job_try"])
     ctx[CTX_REF] = ref
     ctx[CTX_MAX_TRIES] = max_tries
@@ -459,7 +591,7 @@ def _guard(name: str, hook: Hook | None, before: Callable[[dict[str, Any]], Awai
     """A hook that runs ``before`` then the user's ``hook``, logging instead of raising."""
 
     async def guarded(ctx: dict[str, Any]) -> None:
-        if before is not None:
+        if before is not None and not ctx.get(CTX_REPORTED):  # (a reported run has nothing to settle)
             try:
                 await before(ctx)
             except Exception:
@@ -476,13 +608,14 @@ def _guard(name: str, hook: Hook | None, before: Callable[[dict[str, Any]], Awai
     return guarded
 
 
-def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: float) -> Hook:
+def _startup(hook: Hook | None, prefix: str, interval: float | None, grace: float, max_jobs: int) -> Hook:
     """astages' own client made (no round trip), the user's on_startup, then the sweeper
     started in the background."""
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx[CTX_REDIS] = reconnecting_client(ctx["redis"])
-        ctx[CTX_COALESCE] = Coalescer(ctx[CTX_REDIS], Keys(prefix), ctx.get(CTX_WAKE))
+        ctx[CTX_STORE] = Store(ctx[CTX_REDIS], Keys(prefix))
+        ctx[CTX_COALESCE] = Coalescer(ctx[CTX_REDIS], Keys(prefix), ctx.get(CTX_WAKE), batch=max_jobs // 2)
         tracing.setup()  # on when the tracing extra is installed and a tracer provider configured
         if hook is not None:
             await hook(ctx)  # the user's own start-up failing stops the worker, as in arq
@@ -512,6 +645,7 @@ def _shutdown(hook: Hook | None) -> Hook:
                 await hook(ctx)
         finally:
             ctx.pop(CTX_COALESCE, None)
+            ctx.pop(CTX_STORE, None)
             own = ctx.pop(CTX_REDIS, None)
             if own is not None:
                 await own.aclose(close_connection_pool=True)
@@ -548,11 +682,13 @@ def worker_settings(
     wrapped = [_wrap(f if isinstance(f, Function) else func(f), runtime) for f in functions]
     out = dict(settings)
     out["functions"] = wrapped
-    out["on_job_start"] = _guard("on_job_start", settings.get("on_job_start"))
-    out["on_job_end"] = _guard("on_job_end", settings.get("on_job_end"))
+    for name in ("on_job_start", "on_job_end"):  # arq calls no hook it was not given
+        hook = settings.get(name)
+        out[name] = None if hook is None else _guard(name, hook)
     out["after_job_end"] = _guard(
         "after_job_end", settings.get("after_job_end"), functools.partial(_settle, runtime=runtime)
     )
-    out["on_startup"] = _startup(settings.get("on_startup"), prefix, sweep_interval, sweep_grace)
+    max_jobs = int(settings.get("max_jobs", ARQ_DEFAULT_MAX_JOBS))
+    out["on_startup"] = _startup(settings.get("on_startup"), prefix, sweep_interval, sweep_grace, max_jobs)
     out["on_shutdown"] = _shutdown(settings.get("on_shutdown"))
     return out

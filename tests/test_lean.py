@@ -234,14 +234,63 @@ async def test_astages_worker_takes_the_next_stage_at_once(real_redis: ArqRedis)
 
 
 async def test_arq_worker_shares_start_and_report_calls(real_redis: ArqRedis, scripts: list[str]) -> None:
-    """arq's Worker, which takes jobs one at a time, still shares start/report calls between its jobs."""
+    """arq's Worker, which takes jobs one at a time, still shares report calls between its jobs;
+    once a reply said the group exists, first tries run at once and their marks ride in reports."""
     async with astages.within_a_grouping(real_redis, "shared") as group:
         await (await group.stage(1)).enqueue_many([(step, (f"1-{i}",)) for i in range(60)])
     scripts.clear()
     await run_arq(real_redis)
     assert len(RAN) == 60 and not await group.exists()
     calls = [name for name in scripts if name in ("start_job", "start_jobs", "finish_job", "finish_jobs")]
-    assert "start_jobs" in calls and "finish_jobs" in calls and len(calls) < 60
+    assert "finish_jobs" in calls and len(calls) < 30
+    reports = [i for i, name in enumerate(calls) if name.startswith("finish")]
+    assert all(name.startswith("finish") for name in calls[reports[0] :])  # no checked start once heard from
+
+
+async def test_first_try_runs_at_once_and_is_marked_running(real_redis: ArqRedis, scripts: list[str]) -> None:
+    """A first try of a group the worker heard from runs before its mark goes; the mark comes
+    within the window while it runs, and its events read queued, running, successful."""
+    GATE.update(started=asyncio.Event(), open=asyncio.Event())
+    async with astages.within_a_grouping(real_redis, "marked") as group:
+        calls = [(step, ("first",)), (step, ("fast",)), (gated, ("slow",))]
+        _first, _fast, slow = await (await group.stage(1)).enqueue_many(calls)
+    scripts.clear()
+    worker = arq.worker.Worker(**settings(), redis_pool=real_redis, poll_delay=0.01, max_jobs=1)
+    async with running(worker):
+        await asyncio.wait_for(GATE["started"].wait(), 10)
+        await wait_for(lambda: _is(slow, astages.JobStatus.RUNNING), what="the running job's mark")
+        # 'first' was checked, 'fast' ran at once and was reported before its mark went
+        seen = [(e.kind, e.to_status) for e in await group.events(100)]
+        assert seen.count(("job", "running")) == 3 and seen.count(("job", "successful")) == 2
+        assert [name for name in scripts if name.startswith("start")] == ["start_job"]  # 'first' only
+        GATE["open"].set()
+        await wait_for(lambda: _gone(group), what="the group to finish")
+    assert RAN == [("first", 1), ("fast", 1), ("slow", 1)]
+
+
+async def _is(job: astages.StagedJob, status: astages.JobStatus) -> bool:
+    return await job.status() is status
+
+
+async def test_reply_that_group_is_gone_makes_the_next_first_try_checked(real_redis: ArqRedis) -> None:
+    """A worker runs a first try at once only while a reply said its group exists (LIVE_FOR):
+    a report answered 'gone' (the group purged behind its back) makes the next start a check."""
+    from astages.worker import LIVE_FOR, Coalescer
+
+    async with astages.within_a_grouping(real_redis, "purged") as group:
+        a, b, c = await (await group.stage(1)).enqueue_many([(step, (t,)) for t in "abc"])
+    coalescer = Coalescer(real_redis, Keys())
+    assert a.ref and b.ref and c.ref
+    assert not coalescer.fresh(group.id)  # never heard from: checked
+    assert await coalescer.start(a.ref, 1) == "run"
+    assert coalescer.fresh(group.id)
+    assert (await coalescer.finish(a.ref, 1, "s", "")).outcome == "open"
+    assert coalescer.fresh(group.id)
+    await astages.Cleaner.purge_all(real_redis)
+    assert (await coalescer.finish(b.ref, 1, "s", "")).outcome == "gone"
+    assert not coalescer.fresh(group.id)
+    assert await coalescer.start(c.ref, 1) == "gone"  # the check refuses it
+    assert LIVE_FOR <= 0.1
 
 
 async def test_arq_worker_window_does_not_delay_a_stage(real_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch) -> None:

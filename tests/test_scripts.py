@@ -56,10 +56,13 @@ async def test_start_and_finish(redis):
 
 async def finish_batch(reports: list[tuple[astages.StagedJob, int, str, str]]) -> list[str]:
     """One finish_jobs call reporting each (job, try, outcome, error), in order."""
-    flat = [a for job, try_, o, e in reports for a in (job.ref.stage, job.ref.seq, try_, o, e)]
+    flat: list[str] = []
+    for job, try_, o, e in reports:
+        assert job.ref is not None
+        flat += [f"{job.ref.stage}:{job.ref.seq}:{try_}:{o}", *([e] if o in "fF" else [])]
     ref = reports[0][0].ref
     assert ref is not None
-    replies = await reports[0][0].stage().group.store.run("finish_jobs", ref.group_id, len(reports), *flat)
+    replies = await reports[0][0].stage().group.store.run("finish_jobs", ref.group_id, 0, len(reports), *flat)
     return [r[0].decode() for r in replies]
 
 
@@ -195,7 +198,7 @@ async def test_every_script_survives_script_flush(real_redis, name):
         "start_job": (1, ref.seq, 1),
         "finish_job": (1, ref.seq, 1, "e", ""),
         "start_jobs": (1, 1, ref.seq, 1),
-        "finish_jobs": (1, 1, ref.seq, 1, "e", ""),
+        "finish_jobs": (0, 1, f"1:{ref.seq}:1:e"),
         "claim_jobs": ("arq:queue", 0, 1000, 0, 1, jobs[0].id, 1, ref.seq, "mark"),
         "end_jobs": ("arq:queue", 1, jobs[0].id, 1, ref.seq, 1, 0, "", "", "", "", ""),
         "set_message": (1, ref.seq, "m"),

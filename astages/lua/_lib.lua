@@ -772,7 +772,7 @@ local function after_job_left(n, now)
   if memo_status[sk] ~= 'running' then return {'open', n, 0} end
   local gf = group_flow()
   if memo_drained[sk] and memo_open[sk] and memo_open[sk] > 0 and not gf.cap and not gf.iv then
-    return {'open', n, 0}
+    return {'open', n, 0, memo_open[sk]}
   end
   flush_counts()  -- top_up and the failure policy read the counters
   local left, breached, drained = refill(n, now)
@@ -780,7 +780,7 @@ local function after_job_left(n, now)
   local open = redis.call('HLEN', sk .. ':open')
   if open > 0 then
     memo_drained[sk], memo_open[sk] = drained, open
-    return {'open', n, left}
+    return {'open', n, left, open}
   end
   complete_stage(n, now)
   if redis.call('HGET', G, 'status') ~= 'running' then return {'complete', n, 0} end
@@ -828,8 +828,13 @@ end
 -- Idempotent: a report for a job already final, or older than the job's latest try,
 -- changes nothing. Returns {outcome, stage, jobs still to send} where outcome is
 -- 'gone', 'dup', 'stale', 'retry', 'open' (stage still has open jobs), 'complete',
--- 'running' (the group moved on to a stage) or 'finished' (the group is done).
-local function finish_one(n, seq, try, outcome, err)
+-- 'running' (the group moved on to a stage) or 'finished' (the group is done); an 'open'
+-- of a running stage adds how many of its jobs are open (a worker's coalescer sends the
+-- report that may end the stage at once, see astages/worker.py).
+-- unmarked: the run was never marked running (a first try a worker ran at once and
+-- reported before its mark went, see finish_jobs.lua): a queued job's events show it
+-- running first, as if its mark had gone.
+local function finish_one(n, seq, try, outcome, err, unmarked)
   if not group_alive() then return {'gone', '', 0} end
   local sk = stage_key(n)
   local cur = redis.call('HGET', sk .. ':open', seq)  -- a job is in :open or in :done
@@ -838,13 +843,18 @@ local function finish_one(n, seq, try, outcome, err)
     return {'gone', n, 0}
   end
   if try_of(cur) > try then return {'stale', n, 0} end
+  local from = STATUS[string.sub(cur, 1, 1)]
+  if unmarked and from == 'queued' then
+    event({'job', n .. ':' .. seq, 'from', from, 'to', 'running', 'try', try})
+    from = 'running'
+  end
   if outcome == 'e' then
     local code = 'e' .. try
     if cur == code then return {'dup', n, 0} end
     redis.call('HSET', sk .. ':open', seq, code)
     count(sk, cur, code)
     redis.call('HINCRBY', sk, 'retried', 1)
-    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'pending_re_run', 'try', try})
+    event({'job', n .. ':' .. seq, 'from', from, 'to', 'pending_re_run', 'try', try})
     return {'retry', n, 0}
   end
   redis.call('HDEL', sk .. ':open', seq)
@@ -859,12 +869,12 @@ local function finish_one(n, seq, try, outcome, err)
   end
   follow_ttl(sk .. ':done', sk .. ':err')  -- after the writes: PEXPIRE of a missing key does nothing
   if outcome == 'f' then
-    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'failed', 'try', try,
+    event({'job', n .. ':' .. seq, 'from', from, 'to', 'failed', 'try', try,
       'error', string.sub(err, 1, 200)})
     if redis.call('HSETNX', G, 'failed_once', now) == 1 then fire('failure', 'running', now) end
     if not group_final() and policy_breached(n) then return stop_group(now, 'failed') end
   else
-    event({'job', n .. ':' .. seq, 'from', STATUS[string.sub(cur, 1, 1)], 'to', 'successful', 'try', try})
+    event({'job', n .. ':' .. seq, 'from', from, 'to', 'successful', 'try', try})
   end
   return after_job_left(n, now)
 end

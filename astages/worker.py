@@ -106,11 +106,11 @@ class _Runtime:
     queue_name: str
 
 
-# How long (s) a worker's per-job calls may wait to share a script call: at most one
-# finish_jobs (and start_jobs) call per group per window (the first call after a quiet
-# window goes at once, as does a report that may end its stage, and a group's reports
-# once they hold half of the worker's job slots). arq's Worker takes jobs one at a time,
-# so without a window its jobs' reports hardly ever meet in one turn.
+# How long (s) a worker's reports may wait to share a script call: at most one
+# finish_jobs call per group per window (the first call after a quiet window goes at
+# once, as does a report that may end its stage, and a group's reports once they hold
+# half of the worker's job slots). arq's Worker takes jobs one at a time, so without a
+# window its jobs' reports hardly ever meet in one turn.
 COALESCE_WINDOW = 0.040
 # How many groups (stages) the Coalescer remembers what it heard of.
 STAGES_KEPT = 10_000
@@ -124,23 +124,25 @@ SEND_ON_DELAY = 0.002
 
 class Coalescer:
     """Per-job script calls of one worker share script calls: within a window
-    (``COALESCE_WINDOW``) a group's reports go as one ``finish_jobs`` call and its checked
-    starts as one ``start_jobs`` call (each applies start_job.lua's / finish_job.lua's
-    transition per job, in order, and returns each job's own reply); a lone call uses the
-    single-job script.
+    (``COALESCE_WINDOW``) a group's reports go as one ``finish_jobs`` call; the checked
+    starts of one event-loop turn go as one ``start_jobs`` call (each applies
+    start_job.lua's / finish_job.lua's transition per job, in order, and returns each
+    job's own reply); a lone call uses the single-job script.
 
-    A first try of a group a reply said exists within ``LIVE_FOR`` runs at once (``fresh``,
-    ``mark``; see ``_start``): its mark as running waits for the window and rides in the
-    group's next ``finish_jobs`` call, or goes in a ``finish_jobs`` call of its own; a run
-    reported before its mark went is not marked, its report says so (an outcome in
-    capitals: its events still show it running first).
+    Most runs need no checked start (``runs_at_once``, see ``_start``): a first try of a
+    group a reply said exists within ``LIVE_FOR``, and the retry of a try this worker
+    reported 'retry' for. Such a run's mark as running waits for the window and rides in
+    the group's next ``finish_jobs`` call (or goes in one of its own); a run reported
+    before its mark went is not marked, its report says so (an outcome in capitals: its
+    events still show it running first).
 
-    A report goes at once (no window) when it may end its stage: when this worker has not
-    heard how many jobs of the stage are open, or its reports since account for all of
-    them. So one worker's stage never waits for the window at its end; with several
-    workers, a stage's last report waits at most one window. The reports of a group also
-    go at once when they hold ``batch`` job slots (half of the worker's ``max_jobs``), so
-    a small worker's slots are not held by reports waiting for the window.
+    A report goes at once (no window) when it may end its stage or hold it up: when this
+    worker has not heard how many jobs of the stage are open, or its reports since
+    account for all of them but the retries it reports. So one worker's stage never waits
+    for the window at its end; with several workers, a stage's last report waits at most
+    one window. The reports of a group also go at once when they hold ``batch`` job
+    slots (half of the worker's ``max_jobs``), so a small worker's slots are not held by
+    reports waiting for the window.
 
     A caller waits for its own reply; a caller cancelled meanwhile (a timeout) leaves the
     call to go on for the others (its report, if lost to it, is settled by after_job_end:
@@ -167,7 +169,8 @@ class Coalescer:
         self._pending: dict[tuple[str, str], list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
         self._marks: dict[str, dict[tuple[int, int], int]] = {}  # group -> (stage, seq) -> try, not sent
         self._open: dict[tuple[str, int], int] = {}  # (group, stage) -> its open jobs, less reports since
-        self._stages: dict[str, int] = {}  # group -> the stage of this worker's last checked start
+        self._retrying: dict[tuple[str, int], int] = {}  # (group, stage) -> retry reports not sent
+        self._retried: dict[tuple[str, int, int], int] = {}  # (group, stage, seq) -> try answered 'retry'
         self._alive: dict[str, float] = {}  # group -> when a reply last said it exists (loop time)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -185,13 +188,19 @@ class Coalescer:
         self._alive[group_id] = asyncio.get_running_loop().time()
 
     async def start(self, ref: JobRef, job_try: int) -> str:
-        """start_job's verdict for try ``job_try`` of ``ref``. The worker's first start of a
-        stage goes at once (no window: the stage has just started)."""
-        first = self._stages.get(ref.group_id) != ref.stage
-        if first and len(self._stages) >= STAGES_KEPT:
-            self._stages.clear()  # bounded: a group forgotten only makes its next start go at once
-        self._stages[ref.group_id] = ref.stage
-        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=first))
+        """start_job's verdict for try ``job_try`` of ``ref``: a checked start goes at once
+        (with the others of this turn: the job waits for it)."""
+        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=True))
+
+    def runs_at_once(self, ref: JobRef, job_try: int) -> bool:
+        """Whether try ``job_try`` of ``ref`` may run before its mark goes: the group is
+        ``fresh``, and it is a first try, or the retry of a try whose report this worker
+        sent and had answered (see ``_start``)."""
+        if not self.fresh(ref.group_id):
+            return False
+        if job_try == 1:
+            return True
+        return self._retried.pop((ref.group_id, ref.stage, ref.seq), None) == job_try - 1
 
     def mark(self, ref: JobRef, job_try: int) -> None:
         """Mark try ``job_try`` of ``ref`` running, without waiting (see the class)."""
@@ -206,12 +215,19 @@ class Coalescer:
             outcome = outcome.upper()  # not marked yet: the report says so (finish_jobs.lua)
         key = (ref.group_id, ref.stage)
         left = self._open.get(key)
-        if left is not None and outcome != "e":  # a retry stays open
-            left -= 1
-            self._open[key] = left
-        args = (ref.stage, ref.seq, job_try, outcome, error)
-        at_once = left is None or left <= 0 or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch
-        return self._call("finish", ref.group_id, args, at_once=at_once)
+        if outcome in "eE":  # a retry stays open
+            retrying = self._retrying[key] = self._retrying.get(key, 0) + 1
+        else:
+            retrying = self._retrying.get(key, 0)
+            if left is not None:
+                left -= 1
+                self._open[key] = left
+        # at once when the stage's open jobs are all reported here (but for retries, which
+        # wait for this report to run again), or when reports hold half the job slots
+        at_once = (
+            left is None or left <= retrying or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch
+        )
+        return self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=at_once)
 
     def _call(self, kind: str, group_id: str, args: tuple[Any, ...], at_once: bool = False) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -237,6 +253,7 @@ class Coalescer:
         self._last = loop.time()
         pending, self._pending = self._pending, {}
         marks, self._marks = self._marks, {}
+        self._retrying.clear()
         for (kind, group_id), calls in pending.items():
             head: tuple[Any, ...] = ()
             if kind == "finish":  # the group's marks ride along
@@ -301,6 +318,10 @@ class Coalescer:
         told: dict[int, Motion] = {}
         for args, motion in zip(calls, motions, strict=True):
             told[args[0]] = motion
+            if motion.outcome == "retry":
+                if len(self._retried) >= STAGES_KEPT:
+                    self._retried.clear()  # bounded: a retry forgotten is only checked first
+                self._retried[(group_id, args[0], args[1])] = args[2]
         ended = False
         for stage, motion in told.items():
             key = (group_id, stage)
@@ -407,16 +428,17 @@ async def _start(ctx: dict[str, Any], store: Store, ref: JobRef, job_try: int) -
     """Mark a run running: 'run', or why it must not run (see start_one in _lib.lua).
 
     On arq's Worker (a coalescer in ctx) a first try of a group the worker heard from
-    within ``LIVE_FOR`` runs without waiting: its mark goes with the worker's next call.
-    Neither check it skips can fail for it. A job that ended already is refused only
-    when arq delivers it again, and arq counts every pick-up (a run after a crash is try
-    2 or later). A job gone from astages (deleted, cancelled, its group purged or
+    within ``LIVE_FOR``, or the retry of a try this worker reported 'retry' for, runs
+    without waiting: its mark goes with the worker's next call. Neither check it skips
+    can fail for it. A job that ended already is refused only when arq delivers it
+    again, and arq counts every pick-up (a run after a crash is a try this worker did not
+    see end in 'retry'). A job gone from astages (deleted, cancelled, its group purged or
     expired) is refused by arq itself when astages took its record out of arq; the rest
     (a group purged or expired behind the worker's back) is caught by the group's next
     reply, as the reply to a check would."""
     coalescer: Coalescer | None = ctx.get(CTX_COALESCE)
     if coalescer is not None:
-        if job_try == 1 and coalescer.fresh(ref.group_id):
+        if coalescer.runs_at_once(ref, job_try):
             coalescer.mark(ref, job_try)
             return "run"
         return await coalescer.start(ref, job_try)

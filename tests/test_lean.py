@@ -268,6 +268,19 @@ async def test_first_try_runs_at_once_and_is_marked_running(real_redis: ArqRedis
     assert RAN == [("first", 1), ("fast", 1), ("slow", 1)]
 
 
+async def test_retry_of_a_try_this_worker_reported_runs_at_once(real_redis: ArqRedis, scripts: list[str]) -> None:
+    """The retry of a try the worker itself reported 'retry' for needs no checked start; a try
+    another worker could have ended (one it did not see end in 'retry') is checked."""
+    async with astages.within_a_grouping(real_redis, "retried") as group:
+        await (await group.stage(1)).enqueue_many([(step, ("first",)), (flaky, ("again",))])
+    scripts.clear()
+    worker = arq.worker.Worker(**settings(), redis_pool=real_redis, poll_delay=0.01, max_jobs=1)
+    async with running(worker):
+        await wait_for(lambda: _gone(group), what="the group to finish")
+    assert RAN == [("first", 1), ("again", 1), ("again", 2)]
+    assert [name for name in scripts if name.startswith("start")] == ["start_job"]  # 'first' only
+
+
 async def _is(job: astages.StagedJob, status: astages.JobStatus) -> bool:
     return await job.status() is status
 

@@ -339,21 +339,18 @@ class Coalescer:
                 self._schedule(at_once=True)  # reports waiting for the window may end the stage
         self._hear(group_id, not ended)  # ('gone' with no stage: no such group)
 
-    async def _send_on(self, group_id: str, motions: list[Motion]) -> None:
-        """Send on the stage a report started (in chunks), and wake the worker when a
-        report queued jobs (a new stage, a retry)."""
-        unsent = max(m.unsent for m in motions)
+    def _send_on(self, group_id: str, motions: list[Motion]) -> None:
+        """Send on the stage a report started, and wake the worker when a report queued
+        jobs (a new stage, a retry)."""
+        woke = False
         if self.wake is not None and any(m.outcome in ("running", "retry") for m in motions):
             self.wake()  # the first chunk is queued
-            if unsent:
-                # send the rest once the woken worker has claimed its first jobs (a chunk
-                # holds Redis for a few ms); a worker gone meanwhile leaves it to the sweeper
-                task = asyncio.get_running_loop().create_task(self._send_more(group_id, SEND_ON_DELAY))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return
-        if unsent:
-            await self._send_more(group_id, 0.0)
+            woke = True
+        if max(m.unsent for m in motions) > 0:
+            # the rest in the background, in chunks of FIRST_CHUNK: a chunk holds Redis for
+            # a few ms, and the claims of the first jobs go between them (the woken worker's
+            # once it had a moment to claim); a worker gone meanwhile leaves it to the sweeper
+            self._spawn(self._send_more(group_id, SEND_ON_DELAY if woke else 0.0))
 
     async def _send_more(self, group_id: str, delay: float) -> None:
         """Send on the running stage(s) of the group until nothing is left to send."""
@@ -361,13 +358,11 @@ class Coalescer:
             await asyncio.sleep(delay)
         try:
             while True:
-                reply = await self.store.run_now("send_more", group_id)
+                reply = await self.reports.run_now("send_more", group_id)
                 raise_code(reply, group_id, None)
                 if Motion.of(reply).unsent <= 0:
                     return
         except Exception:
-            if not delay:
-                raise
             logger.warning("could not send group %s on; the sweeper will", group_id, exc_info=True)
 
     async def _starts(self, group_id: str, calls: list[tuple[Any, ...]]) -> list[Any]:
@@ -391,7 +386,7 @@ class Coalescer:
         self._heard(group_id, calls, motions)
         if tracing.ACTIVE is not None:  # spans of a stage or group a report ended
             tracing.ACTIVE.reported(group_id, [(c[0], c[3].lower()) for c in calls], motions)
-        await self._send_on(group_id, motions)
+        self._send_on(group_id, motions)
         return motions
 
 
@@ -420,7 +415,7 @@ class EndJobs(Coalescer):
         motions = await self.arq.moves("end_jobs", group_id, calls, self.queue_name)
         if tracing.ACTIVE is not None:  # spans of a stage or group a report ended
             tracing.ACTIVE.reported(group_id, [(c[1], c[8]) for c in calls], motions)
-        await self._send_on(group_id, motions)
+        self._send_on(group_id, motions)
         return motions
 
 

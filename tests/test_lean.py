@@ -281,6 +281,30 @@ async def test_retry_of_a_try_this_worker_reported_runs_at_once(real_redis: ArqR
     assert [name for name in scripts if name.startswith("start")] == ["start_job"]  # 'first' only
 
 
+async def test_report_that_may_end_or_hold_up_its_stage_goes_at_once(real_redis: ArqRedis) -> None:
+    """Reports wait for the window unless the replies say every open job of the stage is
+    reported here: then the one that may end the stage (or a retry it waits for) goes at once."""
+    from astages.worker import Coalescer
+
+    async with astages.within_a_grouping(real_redis, "tail") as group:
+        a, b, c = await (await group.stage(1)).enqueue_many([(step, (t,)) for t in "abc"])
+        d, e = await (await group.stage(2)).enqueue_many([(flaky, ("d",)), (step, ("e",))])
+    assert a.ref and b.ref and c.ref and d.ref and e.ref
+    coalescer = Coalescer(real_redis, Keys(), window=30.0, batch=50)
+    assert await asyncio.gather(*(coalescer.start(j.ref, 1) for j in (a, b, c) if j.ref)) == ["run"] * 3
+    first = await asyncio.wait_for(coalescer.finish(a.ref, 1, "s", ""), 5)  # not heard yet: at once
+    assert (first.outcome, first.open) == ("open", 2)
+    waiting = coalescer.finish(b.ref, 1, "s", "")  # one more open: waits for the window
+    await asyncio.sleep(0)
+    assert not waiting.done() and len(coalescer._pending[("finish", group.id)]) == 1
+    last = coalescer.finish(c.ref, 1, "s", "")  # may end the stage: goes at once, with b's
+    assert [m.outcome for m in await asyncio.wait_for(asyncio.gather(waiting, last), 5)] == ["open", "running"]
+    assert await asyncio.gather(coalescer.start(d.ref, 1), coalescer.start(e.ref, 1)) == ["run"] * 2
+    assert (await asyncio.wait_for(coalescer.finish(e.ref, 1, "s", ""), 5)).open == 1
+    retry = await asyncio.wait_for(coalescer.finish(d.ref, 1, "e", ""), 5)  # the stage waits for it alone
+    assert retry.outcome == "retry"
+
+
 async def _is(job: astages.StagedJob, status: astages.JobStatus) -> bool:
     return await job.status() is status
 

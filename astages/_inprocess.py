@@ -395,7 +395,13 @@ class _Recorder:
             return  # a later try has started; it will report
         status: JobStatus
         error: str | None
-        if snapshot is not None and snapshot.status not in (JobStatus.RUNNING, JobStatus.QUEUED):
+        # the record speaks for this try once its report landed (a detached report may land
+        # after this hook: until then the record still shows the try before, or queued)
+        if (
+            snapshot is not None
+            and snapshot.tries == job_try
+            and snapshot.status not in (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.PENDING_RE_RUN)
+        ):
             status, message, error = snapshot.status, snapshot.status_message, snapshot.error
         else:
             verdict = ctx.get(CTX_VERDICT)

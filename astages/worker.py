@@ -4,11 +4,13 @@
 settings (``arq app.WorkerSettings``, ``Worker(**settings)``). Each function is wrapped:
 
 - a job whose id is not a staged job id runs untouched (no Redis work at all);
-- a staged job is marked running (a script call, which also refuses to run a job whose
-  record is final already: arq re-delivers a job when a worker dies between our report
-  and its own clean-up), runs, and reports its outcome (another script call); the starts
-  and reports of a worker's jobs within a short window share one call per group
-  (``Coalescer``);
+- a staged job is marked running, runs, and reports its outcome; a worker's marks and
+  reports share script calls (``Coalescer``). A run that could have ended already (arq
+  re-delivers a job when a worker dies between our report and its own clean-up) is
+  checked before it runs; a first try (or a retry this worker reported) runs at once
+  and its mark rides in the next report call (``_start``). A success or failure does not
+  hold its job while the report waits, when arq keeps its result for the sweeper
+  (``_report``);
 - an outcome the wrapper cannot see (the job was cancelled: a timeout, or the worker
   shutting down) or could not report (Redis unreachable) is settled in
   ``after_job_end`` from arq's own record of the job.
@@ -38,6 +40,7 @@ from typing import Any
 from arq import Retry
 from arq.constants import default_queue_name, result_key_prefix
 from arq.jobs import deserialize_result
+from arq.utils import to_seconds
 from arq.worker import Function, RetryJob, func
 from redis.exceptions import RedisError
 
@@ -81,6 +84,7 @@ RUNTIME_ATTR = "_astages_runtime"
 
 ARQ_DEFAULT_MAX_TRIES = 5
 ARQ_DEFAULT_MAX_JOBS = 10
+ARQ_DEFAULT_KEEP_RESULT_S = 3600
 ERROR_LIMIT = 4_000
 
 
@@ -104,6 +108,9 @@ class _Runtime:
     max_tries: int
     retry_jobs: bool
     queue_name: str
+    keep_result_s: float = 3600.0  # arq's keep_result of the worker
+    keep_result_forever: bool = False
+    sweep_interval: float | None = None  # the sweeper's (None or 0: no sweeper)
 
 
 # How long (s) a worker's reports may wait to share a script call: at most one
@@ -117,6 +124,8 @@ STAGES_KEPT = 10_000
 # How long (s) after a reply said its group exists a worker runs a group's first tries
 # without waiting for their marks (see Coalescer.fresh).
 LIVE_FOR = 0.1
+# How long (s) a worker shutting down waits for its reports to be sent.
+SHUTDOWN_DRAIN_S = 10.0
 # How long (s) astages worker lets its poll claim a new stage's first chunk before it
 # sends the rest of the stage.
 SEND_ON_DELAY = 0.002
@@ -144,7 +153,9 @@ class Coalescer:
     slots (half of the worker's ``max_jobs``), so a small worker's slots are not held by
     reports waiting for the window.
 
-    A caller waits for its own reply; a caller cancelled meanwhile (a timeout) leaves the
+    A detached report (see ``_report``) has no caller waiting; ``drain`` sends what waits
+    when the worker shuts down. A caller waits for its own reply; a caller cancelled
+    meanwhile (a timeout) leaves the
     call to go on for the others (its report, if lost to it, is settled by after_job_end:
     every per-job transition is idempotent). An error fails every caller of that call, as
     the single call would have. ``wake`` (if set) is called when a report moved a group
@@ -207,15 +218,21 @@ class Coalescer:
         self._marks.setdefault(ref.group_id, {})[(ref.stage, ref.seq)] = job_try
         self._schedule(at_once=False)
 
-    def finish(self, ref: JobRef, job_try: int, outcome: str, error: str) -> asyncio.Future[Motion]:
+    def finish(
+        self, ref: JobRef, job_try: int, outcome: str, error: str, detach: bool = False
+    ) -> asyncio.Future[Motion] | None:
         """finish_job's motion for try ``job_try`` of ``ref`` (a future: no coroutine per
-        report)."""
+        report). ``detach``: no caller waits for a final report that cannot end its stage
+        (None is returned; see ``_report``); one that may end it is waited for, so the
+        next stage is queued before arq ends the job (a burst worker stops at an empty
+        queue)."""
         marks = self._marks.get(ref.group_id)
         if marks and marks.pop((ref.stage, ref.seq), None) is not None:
             outcome = outcome.upper()  # not marked yet: the report says so (finish_jobs.lua)
         key = (ref.group_id, ref.stage)
         left = self._open.get(key)
-        if outcome in "eE":  # a retry stays open
+        retry = outcome in "eE"
+        if retry:  # a retry stays open
             retrying = self._retrying[key] = self._retrying.get(key, 0) + 1
         else:
             retrying = self._retrying.get(key, 0)
@@ -224,10 +241,13 @@ class Coalescer:
                 self._open[key] = left
         # at once when the stage's open jobs are all reported here (but for retries, which
         # wait for this report to run again), or when reports hold half the job slots
-        at_once = (
-            left is None or left <= retrying or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch
-        )
-        return self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=at_once)
+        may_end = left is None or left <= retrying
+        at_once = may_end or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch
+        report = self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=at_once)
+        if detach and not may_end and not retry:
+            report.add_done_callback(_detached)
+            return None
+        return report
 
     def _call(self, kind: str, group_id: str, args: tuple[Any, ...], at_once: bool = False) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -269,6 +289,16 @@ class Coalescer:
         if not marks:
             return (0,)
         return (len(marks), *(f"{stage}:{seq}:{job_try}" for (stage, seq), job_try in marks.items()))
+
+    async def drain(self) -> None:
+        """Send what waits for the window now, and wait for the calls under way (a worker
+        shutting down: its detached reports go before it closes)."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+        if self._pending or self._marks:
+            self._flush()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -440,17 +470,27 @@ async def _start(ctx: dict[str, Any], store: Store, ref: JobRef, job_try: int) -
     return text(await store.run("start_job", ref.group_id, ref.stage, ref.seq, job_try))
 
 
-async def _report(ctx: dict[str, Any], store: Store, ref: JobRef, outcome: str, error: str = "") -> None:
+async def _report(
+    ctx: dict[str, Any], store: Store, ref: JobRef, outcome: str, error: str = "", *, detach: bool = False
+) -> None:
     """Report a try's outcome; on a Redis error leave it in ctx for after_job_end. On the
     lean path (astages worker) it is only left in ctx: the script that does arq's
-    bookkeeping after the job reports it."""
+    bookkeeping after the job reports it.
+
+    ``detach`` (a final outcome of a function whose results arq keeps long enough, see
+    ``_detaches``): unless the report may end its stage, it goes with the worker's next
+    shared call and the job does not wait for it, so arq takes the job out of its queue
+    at once. arq's result is the record until the report lands: a worker that dies
+    meanwhile leaves the job to the sweeper, which settles it from that result."""
     ctx[CTX_OUTCOME] = (outcome, error)
     if ctx.get(CTX_LEAN):
         return
     coalescer: Coalescer | None = ctx.get(CTX_COALESCE)
     try:
         if coalescer is not None:
-            await coalescer.finish(ref, ctx["job_try"], outcome, error)
+            report = coalescer.finish(ref, ctx["job_try"], outcome, error, detach=detach)
+            if report is not None:
+                await report
         else:
             await store.move("finish_job", ref.group_id, ref.stage, ref.seq, ctx["job_try"], outcome, error)
     except RedisError:
@@ -459,9 +499,29 @@ async def _report(ctx: dict[str, Any], store: Store, ref: JobRef, outcome: str, 
     ctx[CTX_REPORTED] = True
 
 
+def _detached(report: asyncio.Future[Motion]) -> None:
+    """A detached report's end: an error is logged (the sweeper settles the job from arq's
+    result)."""
+    if not report.cancelled() and report.exception() is not None:
+        logger.warning("a report failed; the sweeper settles it from arq's result", exc_info=report.exception())
+
+
+def _detaches(function: Function, runtime: _Runtime) -> bool:
+    """Whether the final reports of ``function``'s runs may be detached (see ``_report``):
+    arq keeps its results for two sweeper intervals at least, so the sweeper finds the
+    result of a run whose report was lost with its worker."""
+    if not runtime.sweep_interval:
+        return False
+    if function.keep_result_forever or (function.keep_result_forever is None and runtime.keep_result_forever):
+        return True
+    keep = runtime.keep_result_s if function.keep_result_s is None else function.keep_result_s
+    return keep >= 2 * runtime.sweep_interval
+
+
 def _wrap(function: Function, runtime: _Runtime) -> Function:
     coroutine = function.coroutine
     max_tries = runtime.max_tries if function.max_tries is None else function.max_tries
+    detach = _detaches(function, runtime)
 
     async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         job_id = str(ctx.get("job_id", ""))
@@ -472,7 +532,7 @@ def _wrap(function: Function, runtime: _Runtime) -> Function:
                 summary = await _callback_summary(ctx, callback, runtime)
                 return await coroutine(ctx, summary, *args, **kwargs)
             return await coroutine(ctx, *args, **kwargs)
-        return await _run_staged(ctx, ref, function.name, coroutine, max_tries, runtime, args, kwargs)
+        return await _run_staged(ctx, ref, function.name, coroutine, max_tries, runtime, args, kwargs, detach)
 
     functools.update_wrapper(run, coroutine)
     setattr(run, RUNTIME_ATTR, runtime)  # astages worker's lean path looks for it
@@ -506,6 +566,7 @@ async def _run_staged(
     runtime: _Runtime,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    detach: bool = False,
 ) -> Any:
     store: Store = ctx.get(CTX_STORE) or Store(_own(ctx), runtime.keys)
     job_try = int(ctx["job_try"])
@@ -554,9 +615,9 @@ async def _run_staged(
         # and after_job_end reads it once arq has written it.
         raise
     except Exception as e:
-        await _report(ctx, store, ref, "f", describe_error(e))
+        await _report(ctx, store, ref, "f", describe_error(e), detach=detach)
         raise
-    await _report(ctx, store, ref, "s")
+    await _report(ctx, store, ref, "s", detach=detach)
     return result
 
 
@@ -657,6 +718,12 @@ def _shutdown(hook: Hook | None) -> Hook:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        coalescer: Coalescer | None = ctx.get(CTX_COALESCE)
+        if coalescer is not None:
+            try:  # the reports still waiting for the window (the sweeper settles what fails)
+                await asyncio.wait_for(coalescer.drain(), SHUTDOWN_DRAIN_S)
+            except Exception:
+                logger.warning("could not send every report before shutting down", exc_info=True)
         try:
             if hook is not None:
                 await hook(ctx)
@@ -695,6 +762,9 @@ def worker_settings(
         max_tries=int(settings.get("max_tries", ARQ_DEFAULT_MAX_TRIES)),
         retry_jobs=bool(settings.get("retry_jobs", True)),
         queue_name=str(settings.get("queue_name") or default_queue_name),
+        keep_result_s=float(to_seconds(settings.get("keep_result", ARQ_DEFAULT_KEEP_RESULT_S)) or 0),
+        keep_result_forever=bool(settings.get("keep_result_forever", False)),
+        sweep_interval=sweep_interval,
     )
     wrapped = [_wrap(f if isinstance(f, Function) else func(f), runtime) for f in functions]
     out = dict(settings)

@@ -377,3 +377,71 @@ async def test_astages_worker_clears_the_abort_request_of_a_job_it_ends(real_red
         await wait_for(lambda: _gone(group), what="the group to finish")
     assert RAN == [("gated", 1)]
     assert await real_redis.zscore("arq:abort", job.id or "") is None
+
+
+def test_final_reports_are_detached_only_when_arq_keeps_results_for_two_sweeps() -> None:
+    """A final report may leave the job behind only when the sweeper can find arq's result of
+    a run whose report was lost: results kept two sweeper intervals at least."""
+    from arq.worker import func
+
+    from astages.worker import _detaches, _Runtime
+
+    def runtime(**options: Any) -> _Runtime:
+        return _Runtime(keys=Keys(), max_tries=5, retry_jobs=True, queue_name="q", **options)
+
+    kept = func(step)
+    assert _detaches(kept, runtime(keep_result_s=3600, sweep_interval=30))
+    assert _detaches(kept, runtime(keep_result_s=60, sweep_interval=30))
+    assert not _detaches(kept, runtime(keep_result_s=59, sweep_interval=30))
+    assert not _detaches(kept, runtime(keep_result_s=3600, sweep_interval=None))  # no sweeper
+    assert not _detaches(func(step, keep_result=0), runtime(keep_result_s=3600, sweep_interval=30))
+    assert _detaches(func(step, keep_result_forever=True), runtime(keep_result_s=0, sweep_interval=30))
+    assert _detaches(kept, runtime(keep_result_s=0, keep_result_forever=True, sweep_interval=30))
+
+
+async def test_worker_shutting_down_sends_the_reports_waiting_for_the_window(
+    real_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detached report waiting for the window goes before the worker's shutdown returns."""
+    GATE.update(started=asyncio.Event(), open=asyncio.Event())
+    monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 30.0)
+    async with astages.within_a_grouping(real_redis, "drained") as group:
+        calls = [(step, ("first",)), (step, ("waits",)), (gated, ("holds",))]
+        _first, waits, _holds = await (await group.stage(1)).enqueue_many(calls)
+    worker = arq.worker.Worker(**settings(sweep_interval=600), redis_pool=real_redis, poll_delay=0.01, max_jobs=1)
+    async with running(worker):
+        await asyncio.wait_for(GATE["started"].wait(), 10)  # 'waits' ran before it
+        await wait_for(lambda: _arq_done(real_redis, waits.id or ""), what="arq's result of 'waits'")
+        assert await waits.status() is not astages.JobStatus.SUCCESSFUL  # its report waits for the window
+    GATE["open"].set()
+    assert await waits.status() is astages.JobStatus.SUCCESSFUL  # sent by on_shutdown
+
+
+async def test_detached_report_lost_with_its_worker_is_settled_from_arqs_result(
+    real_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies with a detached report unsent leaves the job final in arq (its result
+    kept) and open in astages; the sweeper settles it from that result."""
+    from astages.sweeper import Sweeper
+    from astages.worker import Coalescer
+
+    GATE.update(started=asyncio.Event(), open=asyncio.Event())
+    monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 30.0)
+    monkeypatch.setattr(Coalescer, "drain", lambda self: asyncio.sleep(0))  # as if killed
+    async with astages.within_a_grouping(real_redis, "lost report") as group:
+        calls = [(step, ("first",)), (step, ("lost",)), (gated, ("holds",))]
+        _first, lost, _holds = await (await group.stage(1)).enqueue_many(calls)
+    worker = arq.worker.Worker(**settings(sweep_interval=600), redis_pool=real_redis, poll_delay=0.01, max_jobs=1)
+    async with running(worker):
+        await asyncio.wait_for(GATE["started"].wait(), 10)  # 'lost' ran before it
+        await wait_for(lambda: _arq_done(real_redis, lost.id or ""), what="arq's result of 'lost'")
+        assert await lost.status() is not astages.JobStatus.SUCCESSFUL  # its report waits for the window
+    GATE["open"].set()
+    assert await lost.status() is not astages.JobStatus.SUCCESSFUL  # and was lost with the worker
+    report = await Sweeper(real_redis).sweep()
+    assert report.from_results == 1
+    assert await lost.status() is astages.JobStatus.SUCCESSFUL
+
+
+async def _arq_done(redis: ArqRedis, job_id: str) -> bool:
+    return bool(await redis.exists(f"arq:result:{job_id}")) and not await redis.zscore(default_queue_name, job_id)

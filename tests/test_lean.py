@@ -399,21 +399,29 @@ def test_final_reports_are_detached_only_when_arq_keeps_results_for_two_sweeps()
     assert _detaches(kept, runtime(keep_result_s=0, keep_result_forever=True, sweep_interval=30))
 
 
+async def _stop_with_a_report_waiting(redis: ArqRedis, monkeypatch: pytest.MonkeyPatch) -> astages.StagedJob:
+    """Run a worker (one slot, a 30 s window) until it ran a stage's second job and holds the
+    third (gated): arq ended the second (its result kept), whose detached report waits for
+    the window. Then stop the worker; the second job is returned."""
+    GATE.update(started=asyncio.Event(), open=asyncio.Event())
+    monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 30.0)
+    async with astages.within_a_grouping(redis, "report waiting") as group:
+        calls = [(step, ("first",)), (step, ("waits",)), (gated, ("holds",))]
+        _first, waits, _holds = await (await group.stage(1)).enqueue_many(calls)
+    worker = arq.worker.Worker(**settings(sweep_interval=600), redis_pool=redis, poll_delay=0.01, max_jobs=1)
+    async with running(worker):
+        await asyncio.wait_for(GATE["started"].wait(), 10)  # 'waits' ran before it
+        await wait_for(lambda: _arq_done(redis, waits.id or ""), what="arq's result of 'waits'")
+        assert await waits.status() is not astages.JobStatus.SUCCESSFUL  # its report waits for the window
+    GATE["open"].set()
+    return waits
+
+
 async def test_worker_shutting_down_sends_the_reports_waiting_for_the_window(
     real_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A detached report waiting for the window goes before the worker's shutdown returns."""
-    GATE.update(started=asyncio.Event(), open=asyncio.Event())
-    monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 30.0)
-    async with astages.within_a_grouping(real_redis, "drained") as group:
-        calls = [(step, ("first",)), (step, ("waits",)), (gated, ("holds",))]
-        _first, waits, _holds = await (await group.stage(1)).enqueue_many(calls)
-    worker = arq.worker.Worker(**settings(sweep_interval=600), redis_pool=real_redis, poll_delay=0.01, max_jobs=1)
-    async with running(worker):
-        await asyncio.wait_for(GATE["started"].wait(), 10)  # 'waits' ran before it
-        await wait_for(lambda: _arq_done(real_redis, waits.id or ""), what="arq's result of 'waits'")
-        assert await waits.status() is not astages.JobStatus.SUCCESSFUL  # its report waits for the window
-    GATE["open"].set()
+    waits = await _stop_with_a_report_waiting(real_redis, monkeypatch)
     assert await waits.status() is astages.JobStatus.SUCCESSFUL  # sent by on_shutdown
 
 
@@ -425,19 +433,9 @@ async def test_detached_report_lost_with_its_worker_is_settled_from_arqs_result(
     from astages.sweeper import Sweeper
     from astages.worker import Coalescer
 
-    GATE.update(started=asyncio.Event(), open=asyncio.Event())
-    monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 30.0)
     monkeypatch.setattr(Coalescer, "drain", lambda self: asyncio.sleep(0))  # as if killed
-    async with astages.within_a_grouping(real_redis, "lost report") as group:
-        calls = [(step, ("first",)), (step, ("lost",)), (gated, ("holds",))]
-        _first, lost, _holds = await (await group.stage(1)).enqueue_many(calls)
-    worker = arq.worker.Worker(**settings(sweep_interval=600), redis_pool=real_redis, poll_delay=0.01, max_jobs=1)
-    async with running(worker):
-        await asyncio.wait_for(GATE["started"].wait(), 10)  # 'lost' ran before it
-        await wait_for(lambda: _arq_done(real_redis, lost.id or ""), what="arq's result of 'lost'")
-        assert await lost.status() is not astages.JobStatus.SUCCESSFUL  # its report waits for the window
-    GATE["open"].set()
-    assert await lost.status() is not astages.JobStatus.SUCCESSFUL  # and was lost with the worker
+    lost = await _stop_with_a_report_waiting(real_redis, monkeypatch)
+    assert await lost.status() is not astages.JobStatus.SUCCESSFUL  # lost with the worker
     report = await Sweeper(real_redis).sweep()
     assert report.from_results == 1
     assert await lost.status() is astages.JobStatus.SUCCESSFUL

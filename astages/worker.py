@@ -156,9 +156,10 @@ class Coalescer:
     A detached report (see ``_report``) has no caller waiting; ``drain`` sends what waits
     when the worker shuts down. A caller waits for its own reply; a caller cancelled
     meanwhile (a timeout) leaves the call to go on for the others (its report, if lost to
-    it, is settled by after_job_end: every per-job transition is idempotent). An error fails every caller of that call, as
-    the single call would have. ``wake`` (if set) is called when a report moved a group
-    on to a new stage or queued a retry, so the worker polls at once."""
+    it, is settled by after_job_end: every per-job transition is idempotent). An error
+    fails every caller of that call, as the single call would have. ``wake`` (if set) is
+    called when a report moved a group on to a new stage or queued a retry, so the worker
+    polls at once."""
 
     def __init__(
         self,

@@ -269,6 +269,21 @@ async def handle_limits_new_stage(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
     return await (await group_of(redis, ctx)).stage(3).set_limits(max_in_flight=1)
 
 
+async def worker_shared_call(redis: ArqRedis, ctx: dict[str, Any]) -> Any:
+    """A worker's shared call (arq's Worker, see astages/worker.py): a run marked, a run
+    reported before its mark went (an outcome in capitals) and a failure, in one
+    finish_jobs call; the last report completes stage 1 and starts stage 2. A per-job
+    script sent again answers 'dup' for what it did already, so only the effect is
+    compared: it must be one call's."""
+    store = Store(redis, Keys(), 100)
+    await store.moves("finish_jobs", ctx["gid"], [("1:2:1:S",), ("1:3:1:f", "boom")], 1, "1:1:1")
+    await store.moves("finish_jobs", ctx["gid"], [("1:1:1:s",)], 0)
+
+
+def _three_jobs_running(redis: ArqRedis) -> Awaitable[dict[str, Any]]:
+    return running(redis, (3, 1))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -325,6 +340,7 @@ CASES = [
     Case("group.set_limits, running group", running, group_limits),
     Case("stage.set_limits, running stage", running, stage_limits),
     Case("group.stage(n).set_limits, missing stage (made)", pending, handle_limits_new_stage),
+    Case("a worker's shared call (finish_jobs: mark, unmarked, failure)", _three_jobs_running, worker_shared_call),
 ]
 
 

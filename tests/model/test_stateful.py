@@ -7,9 +7,10 @@ stages with any small int number (also below the running stage); enqueue one, ma
 several concurrently (asyncio.gather) into pending and running stages (growth), and into
 deleted, complete or cancelled ones (refused); group and stage callbacks; initiate the
 group or one stage; what a worker does, through the scripts as astages.worker calls them
-(start_job with the next try, a duplicate start, re-delivery of a final job; finish_job
-successful / failed / re-run, duplicated, for a stale try and for a try whose start was
-lost), with arq's own clean-up of a finished try; job.enqueue_job; cancel and delete of
+(start_job with the next try, a duplicate start, re-delivery of a final job, or a mark
+in a finish_jobs call; finish_job successful / failed / re-run, duplicated, for a stale
+try and for a try whose start was lost, alone, in finish_jobs, or as a run never
+marked), with arq's own clean-up of a finished try; job.enqueue_job; cancel and delete of
 jobs, stages and groups; sweeper passes after arq ended a job with a result (success or
 failure, written with arq's serialize_result) or with no trace; Cleaner.cleanup_jobs;
 time passing for ttl= and kept groups (every key of the group is given a 1 ms TTL: the
@@ -378,15 +379,21 @@ class StagesMachine(RuleBasedStateMachine):
             j.in_arq = j.in_progress = False
 
     @precondition(lambda self: any(j.in_arq or j.final for j in self.model.jobs))
-    @rule(data=st.data(), again=st.booleans())
-    def worker_start(self, data: st.DataObject, again: bool) -> None:
+    @rule(data=st.data(), again=st.booleans(), mark=st.booleans())
+    def worker_start(self, data: st.DataObject, again: bool, mark: bool) -> None:
         """arq hands a try to a worker: the next try, the same try again, or a final job
-        re-delivered."""
+        re-delivered; a try that may run at once is marked in a finish_jobs call with no
+        report (its verdict is not read: the run is under way)."""
         j = self._pick_job(data, [j for j in self.model.jobs if j.in_arq or j.final])
         tries = j.tries if again and j.tries else j.tries + 1
+        mark = mark and j.alive and not j.final
         expected = self.model.start_job(j, tries)
         ref = j.handle.ref
-        got = _t(self.run(self._store(j).run("start_job", ref.group_id, ref.stage, ref.seq, tries)))
+        if mark:
+            self.run(self._store(j).run_now("finish_jobs", ref.group_id, 1, f"{ref.stage}:{ref.seq}:{tries}", 0))
+            got = expected
+        else:
+            got = _t(self.run(self._store(j).run("start_job", ref.group_id, ref.stage, ref.seq, tries)))
         if got != expected:
             raise Breach(f"start_job try {tries} of {j.handle.id} returned {got!r}, the model expects {expected!r}")
         if got == "run":
@@ -397,19 +404,29 @@ class StagesMachine(RuleBasedStateMachine):
             self._arq_done(j)  # the wrapper runs nothing; arq ends the job
 
     @precondition(lambda self: any(j.in_arq or j.tries for j in self.model.jobs))
-    @rule(data=st.data(), outcome=st.sampled_from("sfe"), skew=st.sampled_from([0, 0, 0, -1, 1]))
-    def worker_report(self, data: st.DataObject, outcome: str, skew: int) -> None:
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from("sfe"),
+        skew=st.sampled_from([0, 0, 0, -1, 1]),
+        via=st.sampled_from(["finish_job", "finish_jobs", "unmarked"]),
+    )
+    def worker_report(self, data: st.DataObject, outcome: str, skew: int, via: str) -> None:
         """A try's outcome: for the current try, a stale one (skew -1) or one whose start
-        was never recorded (skew +1); repeated reports come from drawing it again."""
+        was never recorded (skew +1); repeated reports come from drawing it again. Sent
+        alone, in a finish_jobs call, or as a run never marked (an outcome in capitals)."""
         j = self._pick_job(data, [j for j in self.model.jobs if j.in_arq or j.tries])
         tries = max(1, j.tries + skew)
         expected = self.model.finish_job(j, tries, outcome)
         ref = j.handle.ref
-        motion = self.run(
-            self._store(j).move(
-                "finish_job", ref.group_id, ref.stage, ref.seq, tries, outcome, "boom" * (outcome == "f")
+        error = "boom" * (outcome == "f")
+        if via == "finish_job":
+            motion = self.run(
+                self._store(j).move("finish_job", ref.group_id, ref.stage, ref.seq, tries, outcome, error)
             )
-        )
+        else:
+            sent = outcome.upper() if via == "unmarked" else outcome
+            packed = (f"{ref.stage}:{ref.seq}:{tries}:{sent}", *([error] if outcome == "f" else []))
+            (motion,) = self.run(self._store(j).moves("finish_jobs", ref.group_id, [packed], 0))
         got = motion.outcome
         if expected in ("gone", "dup", "stale", "retry") and got != expected:
             raise Breach(

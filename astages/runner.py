@@ -26,15 +26,16 @@ command therefore needs a process supervisor to restart it.
 With astages' settings (every function wrapped by ``astages.worker_settings``) it also
 takes staged jobs on a lean path; plain jobs on the same queue go through arq's own code
 as above. The staged jobs due in a poll are taken as many at a time as there are free
-slots with one ``claim_jobs`` script call per group (arq's due check, its in-progress mark,
-payload, try counter and abort check, and astages' start, for every job at once) and run
-the way arq runs a job (same ctx, hooks, timeout, retry and abort handling, results and
-counters); their ends, those of one event-loop turn together, are one ``end_jobs`` call per
-group (arq's result and clean-up, or a retry's new score, and astages' report). arq's
-records, queue, results and abort set keep arq's format. A failed claim is resolved by
-reading the marks back; a failed end by arq's bookkeeping redone once known not to have
-taken effect, the report left to ``after_job_end``. A report that starts a stage wakes
-the poll at once (as soon as a slot is free).
+slots (up to ``LEAN_CLAIM``) with one ``claim_jobs`` script call per group (arq's due
+check, its in-progress mark, payload, try counter and abort check, and astages' start,
+for every job at once) and run the way arq runs a job (same ctx, hooks, timeout, retry
+and abort handling, results and counters); their ends, those of one event-loop turn
+together, are one ``end_jobs`` call per group (arq's result and clean-up, or a retry's
+new score, and astages' report). arq's records, queue, results and abort set keep arq's
+format. A failed claim is resolved by reading the marks back; a failed end by arq's
+bookkeeping redone once known not to have taken effect, the report left to
+``after_job_end``. A report that starts a stage wakes the poll at once (as soon as a slot
+is free).
 
 Only connectivity loss is survived. Any other error does what it does in arq: a job task
 that died on it (a hook that raised, say) is re-raised into the loop and stops the
@@ -214,8 +215,15 @@ def _delay(failures: int) -> float:
 # context each job task is created with, so that arq's bookkeeping, called inside the
 # task, can tell whether a write whose reply was lost took effect.
 _RUN: contextvars.ContextVar[tuple[bytes, float]] = contextvars.ContextVar("astages_run")
-# How many jobs the first claim of a poll takes at most (the next claims: every free slot).
+# How many jobs the first claim of a poll takes at most: its jobs start before the rest
+# is claimed.
 LEAN_FIRST_CLAIM = 10
+# How many jobs one claim takes at most. The jobs of one claim start together and, when
+# they are short, end together: their ends are one end_jobs call. Small claims let Redis
+# end one wave while the worker runs the next, and keep the call that ends a stage (and
+# starts the next) short. 3 x 1,000 no-op jobs, max_jobs 100: 0.19 x plain arq's time and
+# a 4-6 ms stage gap with 20, against 0.29 x and 10-14 ms with every free slot at once.
+LEAN_CLAIM = 20
 # How long arq keeps a job's retry counter (s), as arq does.
 RETRY_COUNTER_S = 88400
 _NO_RESULT = object()
@@ -338,8 +346,8 @@ class HardenedWorker(Worker):
         here if the mark is ours, and is left alone otherwise.
 
         Staged jobs (with astages' settings) take the lean path instead: the jobs due in
-        this poll are taken as many at a time as there are free slots, with one script
-        call per group (``_start_lean``)."""
+        this poll are taken as many at a time as there are free slots (up to
+        ``LEAN_CLAIM``), with one script call per group (``_start_lean``)."""
         staged: list[tuple[str, JobRef]] = []
         for job_id_b in job_ids:
             job_id = job_id_b.decode()
@@ -395,8 +403,9 @@ class HardenedWorker(Worker):
 
     async def _start_lean(self, jobs: list[tuple[str, JobRef]]) -> bool:
         """Take staged jobs: wait for one free slot, take every slot free at that moment
-        (up to the jobs left), and claim that many jobs with one ``claim_jobs`` call per
-        group; again until every job was tried. False when the worker has max_jobs."""
+        (up to the jobs left, ``LEAN_FIRST_CLAIM`` the first time, ``LEAN_CLAIM`` after),
+        and claim that many jobs with one ``claim_jobs`` call per group; again until every
+        job was tried. False when the worker has max_jobs."""
         i = 0
         while i < len(jobs):
             if not await self._take_slot():
@@ -404,7 +413,7 @@ class HardenedWorker(Worker):
             take = [jobs[i]]
             i += 1
             # the first claim of a poll is small: its jobs start before the rest is claimed
-            limit = LEAN_FIRST_CLAIM if i == 1 else len(jobs)
+            limit = LEAN_FIRST_CLAIM if i == 1 else LEAN_CLAIM
             while i < len(jobs) and len(take) < limit and not self.sem.locked() and self.job_counter < self.max_jobs:
                 await self.sem.acquire()  # free: returns at once
                 self.job_counter += 1

@@ -443,3 +443,32 @@ async def test_detached_report_lost_with_its_worker_is_settled_from_arqs_result(
 
 async def _arq_done(redis: ArqRedis, job_id: str) -> bool:
     return bool(await redis.exists(f"arq:result:{job_id}")) and not await redis.zscore(default_queue_name, job_id)
+
+
+async def test_astages_worker_claims_a_few_jobs_at_a_time(
+    real_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 100 free slots and 60 jobs due, the claims take at most LEAN_FIRST_CLAIM jobs first
+    and LEAN_CLAIM after (a claim's jobs end together: small claims keep a stage's last end
+    call short), and every job runs once."""
+    from astages.runner import LEAN_CLAIM, LEAN_FIRST_CLAIM
+
+    sizes: list[int] = []
+    real = HardenedWorker._claim_lean
+
+    async def claim(self: HardenedWorker, jobs: list[Any]) -> None:
+        sizes.append(len(jobs))
+        await real(self, jobs)
+
+    monkeypatch.setattr(HardenedWorker, "_claim_lean", claim)
+    async with astages.within_a_grouping(real_redis, "waves") as group:
+        await (await group.stage(1)).enqueue_many([(step, (f"{i}",)) for i in range(60)])
+    worker = HardenedWorker(**settings(), redis_pool=real_redis, burst=True, poll_delay=0, max_jobs=100)
+    try:
+        await asyncio.wait_for(worker.main(), 30)
+    finally:
+        await worker.close()
+    assert sorted(RAN) == sorted((f"{i}", 1) for i in range(60))
+    assert sizes[0] <= LEAN_FIRST_CLAIM < LEAN_CLAIM < 60
+    assert max(sizes) == LEAN_CLAIM and sum(sizes) == 60
+

@@ -129,6 +129,11 @@ SHUTDOWN_DRAIN_S = 10.0
 # How long (s) astages worker lets its poll claim a new stage's first chunk before it
 # sends the rest of the stage.
 SEND_ON_DELAY = 0.002
+# How long (s) arq's Worker, whose report started a stage, holds the rest of the stage
+# back while it takes the first jobs (the first chunk is in arq's queue): arq takes a job
+# with several round trips, and each would wait behind a chunk being sent. The rest goes
+# as soon as this worker starts a job of the group, or after this long.
+PICKUP_WAIT = 0.05
 
 
 class Coalescer:
@@ -159,7 +164,13 @@ class Coalescer:
     it, is settled by after_job_end: every per-job transition is idempotent). An error
     fails every caller of that call, as the single call would have. ``wake`` (if set) is
     called when a report moved a group on to a new stage or queued a retry, so the worker
-    polls at once."""
+    polls at once.
+
+    A report that started a stage queued its first chunk (``FIRST_CHUNK`` jobs); the rest
+    goes in the background, in chunks. With ``wake`` (astages worker) it goes after
+    ``SEND_ON_DELAY``; on arq's Worker once this worker starts a job of the group, or
+    after ``PICKUP_WAIT``: arq takes a job with several round trips, and each would wait
+    behind a chunk being sent."""
 
     def __init__(
         self,
@@ -183,6 +194,9 @@ class Coalescer:
         self._retrying: dict[tuple[str, int], int] = {}  # (group, stage) -> retry reports not sent
         self._retried: dict[tuple[str, int, int], int] = {}  # (group, stage, seq) -> try answered 'retry'
         self._alive: dict[str, float] = {}  # group -> when a reply last said it exists (loop time)
+        # group -> set when this worker starts a job of it (the rest of a stage waits for it)
+        self._picking: dict[str, asyncio.Event] = {}
+        self.pickup_wait = PICKUP_WAIT
         self._tasks: set[asyncio.Task[None]] = set()
 
     def fresh(self, group_id: str) -> bool:
@@ -201,6 +215,7 @@ class Coalescer:
     async def start(self, ref: JobRef, job_try: int) -> str:
         """start_job's verdict for try ``job_try`` of ``ref``: a checked start goes at once
         (with the others of this turn: the job waits for it)."""
+        self._picked(ref.group_id)
         return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=True))
 
     def runs_at_once(self, ref: JobRef, job_try: int) -> bool:
@@ -217,6 +232,13 @@ class Coalescer:
         """Mark try ``job_try`` of ``ref`` running, without waiting (see the class)."""
         self._marks.setdefault(ref.group_id, {})[(ref.stage, ref.seq)] = job_try
         self._schedule(at_once=False)
+        self._picked(ref.group_id)
+
+    def _picked(self, group_id: str) -> None:
+        """This worker starts a job of the group: the rest of a stage it started goes now."""
+        picking = self._picking.get(group_id)
+        if picking is not None:
+            picking.set()
 
     def finish(
         self, ref: JobRef, job_try: int, outcome: str, error: str, detach: bool = False
@@ -297,6 +319,8 @@ class Coalescer:
             self._flushing.cancel()
         if self._pending or self._marks:
             self._flush()
+        for picking in self._picking.values():
+            picking.set()  # the rest of a stage goes now
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -376,15 +400,30 @@ class Coalescer:
         if self.wake is not None and any(m.outcome in ("running", "retry") for m in motions):
             self.wake()  # the first chunk is queued
             woke = True
-        if max(m.unsent for m in motions) > 0:
-            # the rest in the background, in chunks of FIRST_CHUNK: a chunk holds Redis for
-            # a few ms, and the claims of the first jobs go between them (the woken worker's
-            # once it had a moment to claim); a worker gone meanwhile leaves it to the sweeper
-            self._spawn(self._send_more(group_id, SEND_ON_DELAY if woke else 0.0))
+        if max(m.unsent for m in motions) <= 0:
+            return
+        # the rest in the background, in chunks of FIRST_CHUNK: a chunk holds Redis for a
+        # few ms, and the claims of the first jobs go between them (the woken worker's once
+        # it had a moment to claim; arq's Worker's once it took a job, see PICKUP_WAIT); a
+        # worker gone meanwhile leaves it to the sweeper
+        if woke:
+            self._spawn(self._send_more(group_id, SEND_ON_DELAY))
+        elif not self.pickup_wait:
+            self._spawn(self._send_more(group_id, 0.0))
+        elif group_id not in self._picking:  # (one waits already: it sends the rest)
+            picking = self._picking[group_id] = asyncio.Event()
+            self._spawn(self._send_more(group_id, self.pickup_wait, picking))
 
-    async def _send_more(self, group_id: str, delay: float) -> None:
-        """Send on the running stage(s) of the group until nothing is left to send."""
-        if delay:
+    async def _send_more(self, group_id: str, delay: float, picking: asyncio.Event | None = None) -> None:
+        """Send on the running stage(s) of the group until nothing is left to send, after
+        ``delay``, or once ``picking`` is set (this worker started a job of the group) if
+        that comes first."""
+        if picking is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(picking.wait(), delay)
+            if self._picking.get(group_id) is picking:
+                del self._picking[group_id]
+        elif delay:
             await asyncio.sleep(delay)
         try:
             while True:
@@ -405,8 +444,10 @@ class Coalescer:
         return verdicts
 
     async def _finishes(self, group_id: str, calls: list[tuple[Any, ...]], marks: tuple[Any, ...]) -> list[Motion]:
-        if len(calls) == 1 and marks == (0,):
-            motions = [await self.reports.move("finish_job", group_id, *calls[0])]
+        if len(calls) == 1 and marks == (0,):  # (the rest of a stage it started: _send_on)
+            reply = await self.reports.run_now("finish_job", group_id, *calls[0])
+            raise_code(reply, group_id, calls[0][0])
+            motions = [Motion.of(reply)]
         else:  # one argument per report, and its error after a failure (finish_jobs.lua)
             packed = [
                 (f"{n}:{seq}:{job_try}:{outcome}", error) if outcome in "fF" else (f"{n}:{seq}:{job_try}:{outcome}",)
@@ -429,6 +470,7 @@ class EndJobs(Coalescer):
 
     def __init__(self, arq_pool: Any, own: Any, keys: Keys, queue_name: str, wake: Callable[[], None] | None) -> None:
         super().__init__(own or arq_pool, keys, wake, window=0.0)  # its claims come in batches
+        self.pickup_wait = 0.0  # its starts are claims (see HardenedWorker): the rest goes at once
         self.arq = Store(arq_pool, keys, FIRST_CHUNK)
         self.queue_name = queue_name
 

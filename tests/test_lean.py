@@ -472,3 +472,48 @@ async def test_astages_worker_claims_a_few_jobs_at_a_time(
     assert sizes[0] <= LEAN_FIRST_CLAIM < LEAN_CLAIM < 60
     assert max(sizes) == LEAN_CLAIM and sum(sizes) == 60
 
+
+async def _stage_started_by_a_report(redis: ArqRedis, coalescer: Any) -> tuple[astages.StagedGroup, Any]:
+    """A group whose stage 2 (150 jobs) a report of ``coalescer`` started: the report's call
+    queued its first chunk (100 jobs). Returns the group and a stage 2 job's ref."""
+    async with astages.within_a_grouping(redis, "rest waits") as group:
+        (only,) = await (await group.stage(1)).enqueue_many([(step, ("only",))])
+        second = await (await group.stage(2)).enqueue_many([(step, (f"{i}",)) for i in range(150)])
+    assert only.ref and second[0].ref
+    assert await coalescer.start(only.ref, 1) == "run"
+    motion = await asyncio.wait_for(coalescer.finish(only.ref, 1, "s", ""), 5)
+    assert (motion.outcome, motion.unsent) == ("running", 50)
+    return group, second[0].ref
+
+
+async def _queued(group: astages.StagedGroup, n: int) -> bool:
+    return (await group.stage(2).progress()).queued == n
+
+
+async def test_arq_worker_sends_the_rest_of_a_stage_once_it_takes_a_job(
+    real_redis: ArqRedis, scripts: list[str]
+) -> None:
+    """On arq's Worker, the report that started a stage holds the rest back (arq's claims of
+    the first chunk would wait behind it in Redis) until this worker starts a job of the
+    group; after PICKUP_WAIT if it does not; at once when the worker shuts down."""
+    from astages.worker import PICKUP_WAIT, Coalescer
+
+    coalescer = Coalescer(real_redis, Keys())
+    coalescer.pickup_wait = 30.0
+    group, ref = await _stage_started_by_a_report(real_redis, coalescer)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert "send_more" not in scripts and await _queued(group, 100)
+    coalescer.mark(ref, 1)  # the worker took a job of the stage
+    await wait_for(lambda: _queued(group, 150), within=5, what="the rest of stage 2 sent")
+    assert not coalescer._picking
+
+    waits = Coalescer(real_redis, Keys())  # nothing taken: the rest goes after PICKUP_WAIT
+    group, _ = await _stage_started_by_a_report(real_redis, waits)
+    await wait_for(lambda: _queued(group, 150), within=PICKUP_WAIT + 5, what="the rest sent after the wait")
+
+    stops = Coalescer(real_redis, Keys())
+    stops.pickup_wait = 30.0
+    group, _ = await _stage_started_by_a_report(real_redis, stops)
+    await asyncio.wait_for(stops.drain(), 5)  # a worker shutting down sends it
+    assert await _queued(group, 150)

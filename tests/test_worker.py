@@ -298,16 +298,16 @@ async def test_lost_retry_report_is_settled_from_arq(redis, monkeypatch):
         stage = await group.stage(1)
         await stage.enqueue(record, "flaky", retries=1)
         await (await group.stage(2)).enqueue(record, "after")
-    real_move = Store.move
+    real_run = Store.run_now
     failed_once: list[str] = []
 
-    async def move(self, name, group_id, *args):
+    async def run_now(self, name, group_id, *args):
         if name == "finish_job" and args[-2] == "e" and not failed_once:
             failed_once.append("e")
             raise RedisConnectionError("dropped")
-        return await real_move(self, name, group_id, *args)
+        return await real_run(self, name, group_id, *args)
 
-    monkeypatch.setattr(Store, "move", move)
+    monkeypatch.setattr(Store, "run_now", run_now)
     seen = {}
 
     async def watch(ctx):

@@ -119,6 +119,10 @@ class _Runtime:
 # half of the worker's job slots). arq's Worker takes jobs one at a time, so without a
 # window its jobs' reports hardly ever meet in one turn.
 COALESCE_WINDOW = 0.040
+# The window (s) of reports of a stage near its end: its open jobs, less the reports since
+# the last reply, fit in the worker's job slots. With several workers a worker does not
+# know the others' reports, so its last one may wait for a window: at most this long.
+TAIL_WINDOW = 0.005
 # How many groups (stages) the Coalescer remembers what it heard of.
 STAGES_KEPT = 10_000
 # How long (s) after a reply said its group exists a worker runs a group's first tries
@@ -153,10 +157,13 @@ class Coalescer:
     A report goes at once (no window) when it may end its stage or hold it up: when this
     worker has not heard how many jobs of the stage are open, or its reports since
     account for all of them but the retries it reports. So one worker's stage never waits
-    for the window at its end; with several workers, a stage's last report waits at most
-    one window. The reports of a group also go at once when they hold ``batch`` job
-    slots (half of the worker's ``max_jobs``), so a small worker's slots are not held by
-    reports waiting for the window.
+    for the window at its end. Near its end (its open jobs, less this worker's reports
+    since, fit in ``2 * batch``, the worker's ``max_jobs``), a stage's reports wait for
+    ``TAIL_WINDOW`` at most: with several workers, a worker does not know the others'
+    reports, and a stage's last report waits at most that long. The reports of a group
+    also go at once when they hold ``batch`` job slots (half of the worker's
+    ``max_jobs``), so a small worker's slots are not held by reports waiting for the
+    window.
 
     A detached report (see ``_report``) has no caller waiting; ``drain`` sends what waits
     when the worker shuts down. A caller waits for its own reply; a caller cancelled
@@ -216,7 +223,7 @@ class Coalescer:
         """start_job's verdict for try ``job_try`` of ``ref``: a checked start goes at once
         (with the others of this turn: the job waits for it)."""
         self._picked(ref.group_id)
-        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try), at_once=True))
+        return text(await self._call("start", ref.group_id, (ref.stage, ref.seq, job_try)))
 
     def runs_at_once(self, ref: JobRef, job_try: int) -> bool:
         """Whether try ``job_try`` of ``ref`` may run before its mark goes: the group is
@@ -231,7 +238,7 @@ class Coalescer:
     def mark(self, ref: JobRef, job_try: int) -> None:
         """Mark try ``job_try`` of ``ref`` running, without waiting (see the class)."""
         self._marks.setdefault(ref.group_id, {})[(ref.stage, ref.seq)] = job_try
-        self._schedule(at_once=False)
+        self._schedule(self.window)
         self._picked(ref.group_id)
 
     def _picked(self, group_id: str) -> None:
@@ -262,31 +269,38 @@ class Coalescer:
                 left -= 1
                 self._open[key] = left
         # at once when the stage's open jobs are all reported here (but for retries, which
-        # wait for this report to run again), or when reports hold half the job slots
+        # wait for this report to run again), or when reports hold half the job slots;
+        # within TAIL_WINDOW when the stage's open jobs fit in the worker's slots
         may_end = left is None or left <= retrying
-        at_once = may_end or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch
-        report = self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), at_once=at_once)
+        if may_end or len(self._pending.get(("finish", ref.group_id), ())) + 1 >= self.batch:
+            window = 0.0
+        elif left is not None and left - retrying <= 2 * self.batch:
+            window = min(self.window, TAIL_WINDOW)
+        else:
+            window = self.window
+        report = self._call("finish", ref.group_id, (ref.stage, ref.seq, job_try, outcome, error), window)
         if detach and not may_end and not retry:
             report.add_done_callback(_detached)
             return None
         return report
 
-    def _call(self, kind: str, group_id: str, args: tuple[Any, ...], at_once: bool = False) -> asyncio.Future[Any]:
+    def _call(self, kind: str, group_id: str, args: tuple[Any, ...], window: float = 0.0) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.setdefault((kind, group_id), []).append((args, fut))
-        self._schedule(at_once)
+        self._schedule(window)
         return fut
 
-    def _schedule(self, at_once: bool) -> None:
-        """A flush after every callback of this turn, and at most one per window (calls
-        made while a window is open wait for its end and go together); ``at_once``: no
-        waiting for the window."""
+    def _schedule(self, window: float) -> None:
+        """A flush after every callback of this turn, and at most one per ``window`` (calls
+        made while a window is open wait for its end and go together); a shorter window
+        brings a flush that waits forward, and 0 means no waiting."""
         loop = asyncio.get_running_loop()
-        if at_once and isinstance(self._flushing, asyncio.TimerHandle):
+        due = self._last + window if window > 0 else 0.0
+        if isinstance(self._flushing, asyncio.TimerHandle) and due < self._flushing.when():
             self._flushing.cancel()
             self._flushing = None
         if self._flushing is None:
-            wait = 0.0 if at_once else self._last + self.window - loop.time()
+            wait = due - loop.time()
             self._flushing = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -390,7 +404,9 @@ class Coalescer:
                 self._open.clear()  # bounded: a stage forgotten only makes its next report go at once
             self._open[key] = motion.open - waiting
             if waiting and motion.open <= waiting:
-                self._schedule(at_once=True)  # reports waiting for the window may end the stage
+                self._schedule(0.0)  # reports waiting for the window may end the stage
+            elif waiting and motion.open - waiting <= 2 * self.batch:
+                self._schedule(min(self.window, TAIL_WINDOW))  # the stage is near its end
         self._hear(group_id, not ended)  # ('gone' with no stage: no such group)
 
     def _send_on(self, group_id: str, motions: list[Motion]) -> None:

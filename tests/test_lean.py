@@ -405,6 +405,7 @@ async def _stop_with_a_report_waiting(redis: ArqRedis, monkeypatch: pytest.Monke
     the window. Then stop the worker; the second job is returned."""
     GATE.update(started=asyncio.Event(), open=asyncio.Event())
     monkeypatch.setattr(astages.worker, "COALESCE_WINDOW", 30.0)
+    monkeypatch.setattr(astages.worker, "TAIL_WINDOW", 30.0)  # (a 3-job stage is near its end)
     async with astages.within_a_grouping(redis, "report waiting") as group:
         calls = [(step, ("first",)), (step, ("waits",)), (gated, ("holds",))]
         _first, waits, _holds = await (await group.stage(1)).enqueue_many(calls)
@@ -517,3 +518,26 @@ async def test_arq_worker_sends_the_rest_of_a_stage_once_it_takes_a_job(
     group, _ = await _stage_started_by_a_report(real_redis, stops)
     await asyncio.wait_for(stops.drain(), 5)  # a worker shutting down sends it
     assert await _queued(group, 150)
+
+
+async def test_reports_of_a_stage_near_its_end_wait_for_the_tail_window_only(real_redis: ArqRedis) -> None:
+    """Once a stage's open jobs (less this worker's reports since) fit in the worker's slots
+    (2 * batch), its reports wait TAIL_WINDOW instead of the window: with several workers, a
+    worker's last report of a stage does not hold the stage up for a whole window."""
+    from astages.worker import TAIL_WINDOW, Coalescer
+
+    async with astages.within_a_grouping(real_redis, "near the end") as group:
+        jobs = await (await group.stage(1)).enqueue_many([(step, (f"{i}",)) for i in range(30)])
+    refs = [job.ref for job in jobs if job.ref]
+    coalescer = Coalescer(real_redis, Keys(), window=30.0, batch=10)  # slots: 20
+    assert await asyncio.gather(*(coalescer.start(ref, 1) for ref in refs)) == ["run"] * 30
+    first = await asyncio.wait_for(coalescer.finish(refs[0], 1, "s", ""), 5)  # not heard yet: at once
+    assert first.open == 29
+    waiting = [coalescer.finish(ref, 1, "s", "") for ref in refs[1:9]]  # 28 to 21 open: the window
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not any(report.done() for report in waiting)
+    near = coalescer.finish(refs[9], 1, "s", "")  # 20 open: the tail window for them all
+    motions = await asyncio.wait_for(asyncio.gather(*waiting, near), TAIL_WINDOW + 5)
+    assert [m.open for m in motions][-1] == 20
+    assert (await group.stage(1).progress()).successful == 10

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.common import Config, Table
+from benchmarks.common import Config, Table, median
 from benchmarks.throughput import measure
 
 ASTAGES = ["astages via arq"]
@@ -42,6 +42,7 @@ async def run(cfg: Config) -> list[Table]:
             "arq no stages",
             "via arq / arq time",
             "astages worker / arq time",
+            "stage gap ms: via arq / astages worker / arq",
             "run twice",
             "order broken",
             "errors",
@@ -59,11 +60,18 @@ async def run(cfg: Config) -> list[Table]:
                 f["jobs_per_s"],
                 round(a["median_s"] / p["median_s"], 3),
                 round(w["median_s"] / p["median_s"], 3),
+                " / ".join(_gap(r) for r in (a, w, p)),
                 sum(r["wrong_count"] + r["missing"] for r in (a, w, p)),
                 a["overlaps"] + w["overlaps"] + p["overlaps"],
                 len(res["_errors"]),
             ]
         )
     t.notes.append("the machine has 2 cores shared by the client, the workers and Redis")
+    t.notes.append("stage gap: median over every stage change of the runs (see the throughput benchmark)")
     t.data = {str(k): {name: r for name, r in res.items()} for k, res in results.items()}
     return [t]
+
+
+def _gap(result: dict[str, Any]) -> str:
+    gaps = result.get("gaps_ms") or []
+    return f"{median(gaps):.1f}" if gaps else "-"

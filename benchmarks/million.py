@@ -46,8 +46,9 @@ async def run(cfg: Config) -> list[Table]:
             await wait_empty(redis, LEAN_QUEUE)
             run_s = time.perf_counter() - t1
             spent = await cost.stop(redis)
-            # keys of the group left (not the reply keys, the prefix's totals and samples, the sweeper's)
-            kept = (b":reply:", b"astages:totals", b"astages:series", b"astages:sweeper:")
+            # keys of the group left (not the reply keys, the prefix's totals, samples and
+            # counters of sweeper passes, the sweeper's own)
+            kept = (b":reply:", b"astages:totals", b"astages:series", b"astages:stats", b"astages:sweeper:")
             left = [k async for k in redis.scan_iter(match="astages:*", count=1000) if not any(x in k for x in kept)]
         runs = [r for r in workers.runs if r.run == "million"]
         twice = len(runs) - len({r.index for r in runs})

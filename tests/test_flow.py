@@ -25,6 +25,7 @@ from astages import (
     StagedGroup,
     within_a_grouping,
 )
+from astages.models import StageStatus
 from astages.sweeper import Sweeper
 
 
@@ -359,3 +360,66 @@ async def test_a_lowered_cap_drains_without_a_breach(real_redis):
     assert not await Cleaner.check(real_redis)
     await real_redis.hset(group.store.keys.stage(group.id, 1), "max_in_flight", 1)  # planted: no drain
     assert "in flight 2 > max_in_flight 1" in str(await Cleaner.check(real_redis))
+
+
+async def _lrange_calls(redis) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_lrange", {}).get("calls", 0))
+
+
+async def report_batch(group: StagedGroup, seqs: list[int], outcome: str = "s", number: int = 1) -> list:
+    """What a worker's shared report call does (finish_jobs): arq drops the queue entries,
+    then one call reports every job, in order."""
+    ids = [group.store.keys.job_id(group.id, number, seq) for seq in seqs]
+    await group.redis.zrem(default_queue_name, *ids)
+    calls = [(f"{number}:{seq}:1:{outcome}",) + (("boom",) if outcome == "f" else ()) for seq in seqs]
+    return await group.store.moves("finish_jobs", group.id, calls, 0)
+
+
+async def test_a_batch_of_reports_tops_the_window_up_once(real_redis):
+    """The reports of one call make room for as many jobs as they end, sent by one top-up
+    after the last report (one read of the stage's job list), in enqueue order; the last
+    report's reply tells what it did."""
+    group, (jobs,) = await make(real_redis, 30, window=10)
+    await group.initiate()
+    for job in jobs[:10]:
+        assert await group.store.run("start_job", group.id, 1, job.ref.seq, 1) == b"run"
+    before = await _lrange_calls(real_redis)
+    motions = await report_batch(group, [job.ref.seq for job in jobs[:4]])
+    assert await _lrange_calls(real_redis) - before == 1  # per report, it was one each
+    assert [m.outcome for m in motions] == ["open"] * 4
+    assert [m.open for m in motions] == [29, 28, 27, 26]
+    assert await queued_ids(real_redis) == [j.id for j in jobs[4:14]]
+    info = await group.stage(1).info()
+    assert (info.progress.in_flight, info.progress.waiting, info.progress.successful) == (10, 16, 4)
+
+
+async def test_a_batch_that_ends_a_stage_keeps_the_reply_that_started_the_next(real_redis):
+    """A batch whose reports leave a stage's jobs open, then end it: the report that ended
+    it topped up and started the next stage itself; nothing is deferred past it, and its
+    reply ('running') stands."""
+    group, (first, second) = await make(real_redis, 3, stages=2, window=10)
+    await group.initiate()
+    for job in first:
+        assert await group.store.run("start_job", group.id, 1, job.ref.seq, 1) == b"run"
+    motions = await report_batch(group, [job.ref.seq for job in first])
+    assert [m.outcome for m in motions] == ["open", "open", "running"]
+    assert await queued_ids(real_redis) == [j.id for j in second]
+    assert await group.stage(1).status() is StageStatus.COMPLETE
+
+
+async def test_jobs_failing_at_sending_in_a_batchs_top_up_count_against_the_policy(real_redis):
+    """The top-up after a batch sends as a lone report's would: a job whose spec cannot be
+    sent fails there, and when that breaches the stage's policy the group stops; the last
+    report's reply says so."""
+    group, (jobs,) = await make(real_redis, 6, window=2, failure_policy="halt")
+    await group.initiate()
+    third = group.store.keys.stage(group.id, 1) + ":spec"
+    await real_redis.hset(third, str(jobs[2].ref.seq), b"not a spec")  # planted: unusable
+    for job in jobs[:2]:
+        assert await group.store.run("start_job", group.id, 1, job.ref.seq, 1) == b"run"
+    async with group.ending() as ending:
+        motions = await report_batch(group, [job.ref.seq for job in jobs[:2]])
+        assert [m.outcome for m in motions] == ["open", "finished"]
+        summary = await ending.wait(5)
+    assert summary.outcome == "failed" and summary.failed_jobs == (jobs[2].id,)
+    assert (summary.successful, summary.failed, summary.cancelled) == (2, 1, 3)

@@ -760,12 +760,25 @@ local function refill(n, now)
   return left, false
 end
 
+-- A batch of reports (end_jobs, finish_jobs: see defer_refills) tops a stage up once,
+-- after its last report, instead of once per report: one read of the stage's job list
+-- and one write of arq's queue for the jobs the whole batch made room for. refills: the
+-- stages whose top-up waits, in order; refilling: stage -> whether it still waits (a
+-- later report that left none of its jobs open topped it up itself). nil outside a batch.
+local refills, refilling = nil, nil
+
+local function defer_refills()
+  refills, refilling = {}, {}
+end
+
 -- After a job of stage n left :open, or left flight (a report, a cancel, a delete):
 -- top the window up; complete the stage when it was the last open job of a running
 -- stage, then move the group on.
 -- The reports of a batch share its reads of the stage (see memo_status): once a stage had
 -- nothing waiting behind its cursor and the group has no cap or rate (whose room every
--- report changes), a report that leaves other jobs of it open costs no read at all.
+-- report changes), a report that leaves other jobs of it open costs no read at all. In a
+-- batch that defers its top-ups, a report that leaves jobs of the stage open only notes
+-- the stage (see flush_refills).
 local function after_job_left(n, now)
   local sk = stage_key(n)
   if memo_status[sk] == nil then memo_status[sk] = redis.call('HGET', sk, 'status') or false end
@@ -773,6 +786,15 @@ local function after_job_left(n, now)
   local gf = group_flow()
   if memo_drained[sk] and memo_open[sk] and memo_open[sk] > 0 and not gf.cap and not gf.iv then
     return {'open', n, 0, memo_open[sk]}
+  end
+  if refills then
+    if memo_open[sk] == nil then memo_open[sk] = redis.call('HLEN', sk .. ':open') end
+    if memo_open[sk] > 0 then
+      if refilling[n] == nil then refills[#refills + 1] = n end
+      refilling[n] = true
+      return {'open', n, 0, memo_open[sk]}
+    end
+    refilling[n] = false  -- its last open job: topped up and completed below, as alone
   end
   flush_counts()  -- top_up and the failure policy read the counters
   local left, breached, drained = refill(n, now)
@@ -785,6 +807,23 @@ local function after_job_left(n, now)
   complete_stage(n, now)
   if redis.call('HGET', G, 'status') ~= 'running' then return {'complete', n, 0} end
   return advance(now)
+end
+
+-- The deferred top-ups of a batch (see refills), stage by stage in the order their
+-- reports came: each is after_job_left as a lone report would have run it (it may start
+-- the next stage, or stop the group when jobs that fail at sending breach its policy).
+-- Returns stage -> that reply, which stands for the stage's last report of the batch.
+local function flush_refills(now)
+  local todo, waiting = refills or {}, refilling or {}
+  refills, refilling = nil, nil
+  local replies = {}
+  for _, n in ipairs(todo) do
+    if waiting[n] then
+      forget()  -- reread: an earlier top-up may have moved the group on
+      replies[n] = after_job_left(n, now)
+    end
+  end
+  return replies
 end
 
 -- Whether the group exists, read once per call (a batch reads it again after a job's

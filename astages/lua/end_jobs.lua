@@ -8,7 +8,8 @@
 --    ('' to keep it forever), score increment ('' for none), outcome ('' for none: it is
 --    settled after the job), error)
 -- Returns per job, in order: finish_one's {outcome, stage, jobs still to send}, or
--- {'', '', 0} when there was nothing to report.
+-- {'', '', 0} when there was nothing to report. A stage is topped up once, after its
+-- last report (see flush_refills): that report's reply tells what the top-up did.
 local ARQ_RETRY = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'retry:'
 local ARQ_RESULT = string.sub(ARQ_JOB, 1, #ARQ_JOB - 4) .. 'result:'
 local queue = ARGV[6]
@@ -16,6 +17,8 @@ local queue = ARGV[6]
 -- group on: stopping it asks arq to abort running jobs): ZREM from a missing set does nothing.
 local aborts = nil
 local out = {}
+local last = {}  -- stage -> its last report's place in out (see flush_refills)
+defer_refills()
 for i = 1, tonumber(ARGV[7]) do
   local at = 7 + (i - 1) * 10
   local id = ARGV[at + 1]
@@ -39,8 +42,10 @@ for i = 1, tonumber(ARGV[7]) do
   if ARGV[at + 9] ~= '' then
     reply = finish_one(ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4]), ARGV[at + 9], ARGV[at + 10])
     if batch_step(reply) then aborts = nil end
+    if reply[1] == 'open' then last[ARGV[at + 2]] = i end
   end
   out[i] = reply
 end
+for n, reply in pairs(flush_refills(script_now())) do out[last[n]] = reply end
 flush_counts()
 return out

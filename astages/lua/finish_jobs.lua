@@ -6,7 +6,8 @@
 -- by the error when the outcome is a failure: each is finish_job.lua's transition,
 -- applied in order; an outcome in capitals ('S', 'F', 'E') is a run that was never
 -- marked (see finish_one's unmarked). Returns each report's {outcome, stage, jobs still
--- to send} (see finish_one), in the same order.
+-- to send} (see finish_one), in the same order; a stage is topped up once, after its
+-- last report (see flush_refills), and that report's reply tells what the top-up did.
 local marks = tonumber(ARGV[6])
 for i = 1, marks do
   local n, seq, try = string.match(ARGV[6 + i], '^(-?%d+):(%d+):(%d+)$')
@@ -15,6 +16,8 @@ for i = 1, marks do
 end
 local at = 7 + marks
 local out = {}
+local last = {}  -- stage -> its last report's place in out (see flush_refills)
+defer_refills()
 for i = 1, tonumber(ARGV[at]) do
   at = at + 1
   local n, seq, try, outcome = string.match(ARGV[at], '^(-?%d+):(%d+):(%d+):(%a)$')
@@ -28,6 +31,8 @@ for i = 1, tonumber(ARGV[at]) do
   local reply = finish_one(n, seq, tonumber(try), plain, err, plain ~= outcome)
   batch_step(reply)
   out[i] = reply
+  if reply[1] == 'open' then last[n] = i end
 end
+for n, reply in pairs(flush_refills(script_now())) do out[last[n]] = reply end
 flush_counts()
 return out

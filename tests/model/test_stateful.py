@@ -10,7 +10,8 @@ group or one stage; what a worker does, through the scripts as astages.worker ca
 (start_job with the next try, a duplicate start, re-delivery of a final job, or a mark
 in a finish_jobs call; finish_job successful / failed / re-run, duplicated, for a stale
 try and for a try whose start was lost, alone, in finish_jobs, or as a run never
-marked), with arq's own clean-up of a finished try; job.enqueue_job; cancel and delete of
+marked; several runs of a group in one finish_jobs call, each with its own outcome),
+with arq's own clean-up of a finished try; job.enqueue_job; cancel and delete of
 jobs, stages and groups; sweeper passes after arq ended a job with a result (success or
 failure, written with arq's serialize_result) or with no trace; Cleaner.cleanup_jobs;
 time passing for ttl= and kept groups (every key of the group is given a 1 ms TTL: the
@@ -442,6 +443,43 @@ class StagesMachine(RuleBasedStateMachine):
             # arq re-queues the job for its next try: the run is no longer under way
             self.run(self.redis.delete(in_progress_key_prefix + j.handle.id))
             j.in_progress = False
+
+    def _batchable(self) -> list[list[JobM]]:
+        """Jobs queued or with a try under way, by group: a worker's shared report call
+        takes several (a queued one as a run never marked: its first try ran at once)."""
+        by_group: dict[str, list[JobM]] = {}
+        for j in self.model.jobs:
+            if j.alive and (j.code == "q" or (j.code == "r" and j.tries)):
+                by_group.setdefault(j.group.gid, []).append(j)
+        return [jobs for jobs in by_group.values() if len(jobs) >= 2]
+
+    @precondition(lambda self: self._batchable())
+    @rule(data=st.data())
+    def worker_reports_together(self, data: st.DataObject) -> None:
+        """Several runs of one group reported in one finish_jobs call (a worker's shared
+        call), each with its own outcome, applied in order: the stage is topped up once,
+        after its last report, and the state must be what the reports one by one make."""
+        pool = data.draw(st.sampled_from(self._batchable()), label="group's runs")
+        jobs = data.draw(st.lists(st.sampled_from(pool), min_size=2, max_size=4, unique_by=id), label="runs")
+        outcomes = data.draw(st.lists(st.sampled_from("sfe"), min_size=len(jobs), max_size=len(jobs)), label="outcomes")
+        packed, expected = [], []
+        for j, o in zip(jobs, outcomes, strict=True):
+            unmarked = j.code == "q"  # its first try ran before its mark went: capitals
+            tries = j.tries + 1 if unmarked else j.tries
+            ref = j.handle.ref
+            packed.append((f"{ref.stage}:{ref.seq}:{tries}:{o.upper() if unmarked else o}", *(["boom"] * (o == "f"))))
+            expected.append(self.model.finish_job(j, tries, o))
+        motions = self.run(self._store(jobs[0]).moves("finish_jobs", jobs[0].handle.ref.group_id, packed, 0))
+        refused = ("gone", "dup", "stale", "retry")
+        for j, o, want, motion in zip(jobs, outcomes, expected, motions, strict=True):
+            got = motion.outcome
+            if (want in refused or got in refused) and got != want:
+                raise Breach(f"finish_jobs {o}{j.tries} of {j.handle.id} returned {got!r}, the model expects {want!r}")
+            if o in "sf" and want != "stale":
+                self._arq_done(j)
+            elif o == "e" and want != "stale" and j.in_progress:
+                self.run(self.redis.delete(in_progress_key_prefix + j.handle.id))
+                j.in_progress = False
 
     # -- sweeper, cleaner, time ---------------------------------------------------------
 

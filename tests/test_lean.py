@@ -541,3 +541,29 @@ async def test_reports_of_a_stage_near_its_end_wait_for_the_tail_window_only(rea
     motions = await asyncio.wait_for(asyncio.gather(*waiting, near), TAIL_WINDOW + 5)
     assert [m.open for m in motions][-1] == 20
     assert (await group.stage(1).progress()).successful == 10
+
+
+async def test_astages_worker_runs_a_stage_bigger_than_its_window(real_redis: ArqRedis, scripts: list[str]) -> None:
+    """A 60-job stage with a window of 5 on astages worker: each end_jobs call tops the window
+    up once, after its last report; every job runs once, in stage order, and arq's queue
+    never holds more of the stage than its window."""
+    async with astages.within_a_grouping(real_redis, "windowed", window=5) as group:
+        await (await group.stage(1)).enqueue_many([(step, (f"1-{i}",)) for i in range(60)])
+        await (await group.stage(2)).enqueue_many([(step, (f"2-{i}",)) for i in range(7)])
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, await real_redis.zcard(default_queue_name))
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await run_hardened(real_redis)
+    finally:
+        watcher.cancel()
+    assert sorted(RAN) == sorted([(f"1-{i}", 1) for i in range(60)] + [(f"2-{i}", 1) for i in range(7)])
+    assert [tag[:1] for tag, _ in RAN] == ["1"] * 60 + ["2"] * 7  # stage 2 only after stage 1
+    assert 0 < most <= 5 and not await group.exists()
+    assert scripts.count("end_jobs") < 67  # calls shared between jobs

@@ -470,8 +470,10 @@ async def test_astages_worker_claims_a_few_jobs_at_a_time(
     finally:
         await worker.close()
     assert sorted(RAN) == sorted((f"{i}", 1) for i in range(60))
-    assert sizes[0] <= LEAN_FIRST_CLAIM < LEAN_CLAIM < 60
-    assert max(sizes) == LEAN_CLAIM and sum(sizes) == 60
+    # the first poll claims its 60 due jobs 10, 20, 20, 10 (a later poll of a burst worker
+    # may try again jobs still ending: refused, and never more than LEAN_CLAIM a call)
+    assert sizes[:4] == [LEAN_FIRST_CLAIM, LEAN_CLAIM, LEAN_CLAIM, 60 - LEAN_FIRST_CLAIM - 2 * LEAN_CLAIM]
+    assert max(sizes) == LEAN_CLAIM
 
 
 async def _stage_started_by_a_report(redis: ArqRedis, coalescer: Any) -> tuple[astages.StagedGroup, Any]:
@@ -543,7 +545,7 @@ async def test_reports_of_a_stage_near_its_end_wait_for_the_tail_window_only(rea
     assert (await group.stage(1).progress()).successful == 10
 
 
-async def test_astages_worker_runs_a_stage_bigger_than_its_window(real_redis: ArqRedis, scripts: list[str]) -> None:
+async def test_astages_worker_runs_a_stage_bigger_than_its_window(real_redis: ArqRedis) -> None:
     """A 60-job stage with a window of 5 on astages worker: each end_jobs call tops the window
     up once, after its last report; every job runs once, in stage order, and arq's queue
     never holds more of the stage than its window."""
@@ -566,4 +568,3 @@ async def test_astages_worker_runs_a_stage_bigger_than_its_window(real_redis: Ar
     assert sorted(RAN) == sorted([(f"1-{i}", 1) for i in range(60)] + [(f"2-{i}", 1) for i in range(7)])
     assert [tag[:1] for tag, _ in RAN] == ["1"] * 60 + ["2"] * 7  # stage 2 only after stage 1
     assert 0 < most <= 5 and not await group.exists()
-    assert scripts.count("end_jobs") < 67  # calls shared between jobs

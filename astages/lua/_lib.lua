@@ -764,11 +764,18 @@ end
 -- after its last report, instead of once per report: one read of the stage's job list
 -- and one write of arq's queue for the jobs the whole batch made room for. refills: the
 -- stages whose top-up waits, in order; refilling: stage -> whether it still waits (a
--- later report that left none of its jobs open topped it up itself). nil outside a batch.
-local refills, refilling = nil, nil
+-- later report that left none of its jobs open topped it up itself); last_open: stage ->
+-- the place of its last 'open' reply in the batch's replies. nil outside a batch.
+local refills, refilling, last_open = nil, nil, nil
 
 local function defer_refills()
-  refills, refilling = {}, {}
+  refills, refilling, last_open = {}, {}, {}
+end
+
+-- A batch's reply i, to a report of stage n: kept in out (see flush_refills).
+local function batch_reply(out, i, n, reply)
+  out[i] = reply
+  if last_open and reply[1] == 'open' then last_open[n] = i end
 end
 
 -- After a job of stage n left :open, or left flight (a report, a cancel, a delete):
@@ -812,18 +819,16 @@ end
 -- The deferred top-ups of a batch (see refills), stage by stage in the order their
 -- reports came: each is after_job_left as a lone report would have run it (it may start
 -- the next stage, or stop the group when jobs that fail at sending breach its policy).
--- Returns stage -> that reply, which stands for the stage's last report of the batch.
-local function flush_refills(now)
-  local todo, waiting = refills or {}, refilling or {}
-  refills, refilling = nil, nil
-  local replies = {}
+-- Its reply replaces, in out, the reply to the stage's last report left 'open'.
+local function flush_refills(now, out)
+  local todo, waiting, at = refills or {}, refilling or {}, last_open or {}
+  refills, refilling, last_open = nil, nil, nil
   for _, n in ipairs(todo) do
     if waiting[n] then
       forget()  -- reread: an earlier top-up may have moved the group on
-      replies[n] = after_job_left(n, now)
+      out[at[n]] = after_job_left(n, now)
     end
   end
-  return replies
 end
 
 -- Whether the group exists, read once per call (a batch reads it again after a job's

@@ -17,7 +17,6 @@ local queue = ARGV[6]
 -- group on: stopping it asks arq to abort running jobs): ZREM from a missing set does nothing.
 local aborts = nil
 local out = {}
-local last = {}  -- stage -> its last report's place in out (see flush_refills)
 defer_refills()
 for i = 1, tonumber(ARGV[7]) do
   local at = 7 + (i - 1) * 10
@@ -42,10 +41,9 @@ for i = 1, tonumber(ARGV[7]) do
   if ARGV[at + 9] ~= '' then
     reply = finish_one(ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4]), ARGV[at + 9], ARGV[at + 10])
     if batch_step(reply) then aborts = nil end
-    if reply[1] == 'open' then last[ARGV[at + 2]] = i end
   end
-  out[i] = reply
+  batch_reply(out, i, ARGV[at + 2], reply)
 end
-for n, reply in pairs(flush_refills(script_now())) do out[last[n]] = reply end
+flush_refills(script_now(), out)
 flush_counts()
 return out

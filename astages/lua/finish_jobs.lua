@@ -16,7 +16,6 @@ for i = 1, marks do
 end
 local at = 7 + marks
 local out = {}
-local last = {}  -- stage -> its last report's place in out (see flush_refills)
 defer_refills()
 for i = 1, tonumber(ARGV[at]) do
   at = at + 1
@@ -30,9 +29,8 @@ for i = 1, tonumber(ARGV[at]) do
   local plain = string.lower(outcome)
   local reply = finish_one(n, seq, tonumber(try), plain, err, plain ~= outcome)
   batch_step(reply)
-  out[i] = reply
-  if reply[1] == 'open' then last[n] = i end
+  batch_reply(out, i, n, reply)
 end
-for n, reply in pairs(flush_refills(script_now())) do out[last[n]] = reply end
+flush_refills(script_now(), out)
 flush_counts()
 return out
